@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	mkdir -p out
+	$(BIN)/teleport apply sample_checkpoints/mlp_digits_mid.safetensors \
+		--data sample_checkpoints/digits_calibration.safetensors \
+		--holdout sample_checkpoints/digits_holdout.safetensors \
+		-o out/mlp_digits_mid.teleported.safetensors --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

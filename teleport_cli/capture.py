@@ -1,0 +1,100 @@
+"""Forward hooks that accumulate one float64 Gram matrix per layer over the calibration set.
+
+For each teleportable layer, ``A = X^T X`` (``d_in x d_in`` per group) is summed over all
+calibration batches in float64; activations are never kept (design notes, Sec. 2). On the
+first batch each layer is also checked to be a plain linear map of its input: its output must
+equal ``F.linear``/``F.conv2d`` of the captured input with its stored weight and bias, so that
+subclasses that transform the weight or the input inside ``forward`` are never teleported.
+Every hook handle is removed when the context exits, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import LayerSpec, input_rows, reference_output
+
+PLAIN_RTOL = 1e-4
+
+
+@dataclass
+class GramAccumulator:
+    """Running Gram of one layer: ``gram`` is ``(groups, d_in, d_in)`` float64 on the CPU."""
+
+    spec: LayerSpec
+    gram: torch.Tensor
+    rows: int = 0
+    calls: int = 0
+    plain: bool | None = None
+    plain_error: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_plain(spec: LayerSpec, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative max difference between the module's output and its plain functional form."""
+    ref = reference_output(spec, module, x)
+    if ref.shape != y.shape:
+        return float("inf")
+    scale = ref.abs().max().item() + 1e-12
+    return (ref - y).abs().max().item() / scale
+
+
+@contextlib.contextmanager
+def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, GramAccumulator]]:
+    """Register Gram-accumulating forward hooks on ``layers``; yields name -> accumulator."""
+    accs: dict[str, GramAccumulator] = {}
+    handles = []
+
+    def make_hook(acc: GramAccumulator) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            if acc.plain is None:
+                acc.plain_error = _check_plain(acc.spec, module, x, output.detach())
+                acc.plain = acc.plain_error <= PLAIN_RTOL
+            rows = input_rows(acc.spec, module, x).to(torch.float64)
+            acc.gram += torch.bmm(rows.transpose(1, 2), rows).to(acc.gram.device)
+            acc.rows += rows.shape[1]
+            acc.calls += 1
+
+        return hook
+
+    try:
+        for spec, module in layers:
+            acc = GramAccumulator(spec, torch.zeros(spec.groups, spec.d_in, spec.d_in, dtype=torch.float64))
+            accs[spec.name] = acc
+            handles.append(module.register_forward_hook(make_hook(acc)))
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_grams(
+    model: nn.Module,
+    layers: list[tuple[LayerSpec, nn.Module]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, GramAccumulator]:
+    """Stream the calibration batches through ``model`` (eval mode, no grad) and return the Grams.
+
+    Args:
+        model: the model, already on its device and in eval mode.
+        layers: the layers to capture (from :func:`teleport_cli.layers.find_layers`).
+        batches: re-iterable of ``(inputs, targets)`` on the model's device.
+        on_batch: called with the number of samples after each batch (progress).
+
+    Returns:
+        name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (CPU), the number of
+        rows, the number of hook calls (0 means a dead branch) and the plain-map check.
+    """
+    with torch.no_grad(), gram_hooks(layers) as accs:
+        for x, _ in batches:
+            model(x)
+            if on_batch is not None:
+                on_batch(int(x.shape[0]))
+    return accs

@@ -1,0 +1,89 @@
+"""One typed options object for a teleport; the CLI's ``apply`` flags mirror its fields.
+
+The defaults were chosen by measurement on the shipped mid-training MLP checkpoint
+(``sample_checkpoints/mlp_digits_mid.safetensors``); docs/defaults.md has the sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .errors import InputError
+
+LOSSES = ("ce",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TeleportConfig:
+    """Settings of one null-space teleport (arXiv:2502.11362, Algorithm 1, with step control).
+
+    Attributes:
+        tau: fraction of each layer's input energy (trace of its Gram matrix) that must be
+            kept invariant, in (0, 1]. ``1.0`` is the numerically exact null space
+            (eigenvalues <= d_in * float64 eps * largest, as ``numpy.linalg.matrix_rank``);
+            below 1 the smallest eigen-directions holding at most ``1 - tau`` of the trace
+            count as null (approximate invariance on the whole input distribution).
+        steps: maximum number of accepted ascent steps.
+        step_size: length of one step relative to the norm of all teleported weights
+            (the step is ``step_size * ||W|| * P / ||P||`` with P the projected gradient).
+        max_step: cap on each layer's total relative weight change ``||W - W0|| / ||W0||``.
+        tolerance: relative calibration-loss drift allowed: a step (and the result) passes
+            when ``|L - L0| <= tolerance * |L0| + 1e-6`` (plus the measured noise floor).
+        holdout_tolerance: the same rule on the held-out set, checked by verification.
+        target_ratio: stop once ``||g|| / ||g0||`` reaches this ratio (``None``: never).
+        tangent: remove from each step its component along the projected loss gradient, so
+            that with approximate null spaces (tau < 1) the step is tangent to the level set.
+        max_backtracks: how many times a rejected step is halved before the loop stops.
+        batch_size: calibration samples per forward pass (memory, not the result: the
+            objective is always over the whole calibration set).
+        holdout_fraction: share of ``--data`` set aside as held-out set when no
+            ``--holdout`` is given (seeded by ``seed``).
+        seed: seed for the held-out split and any random choice.
+        device: ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
+        loss: ``ce`` (cross-entropy on class logits).
+    """
+
+    tau: float = 0.99
+    steps: int = 50
+    step_size: float = 0.01
+    max_step: float = 0.5
+    tolerance: float = 5e-3
+    holdout_tolerance: float = 2e-2
+    target_ratio: float | None = None
+    max_backtracks: int = 6
+    tangent: bool = True
+    batch_size: int = 256
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    loss: str = "ce"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 < self.tau <= 1.0, "--tau must be in (0, 1]", "use 1 for the exact null space"),
+            (self.steps >= 1, "--steps must be at least 1", None),
+            (self.step_size > 0 and math.isfinite(self.step_size), "--step-size must be > 0", None),
+            (self.max_step > 0, "--max-step must be > 0", None),
+            (self.tolerance >= 0, "--tolerance must be >= 0", None),
+            (self.holdout_tolerance >= 0, "--holdout-tolerance must be >= 0", None),
+            (self.target_ratio is None or self.target_ratio > 0, "--target-ratio must be > 0", None),
+            (self.max_backtracks >= 0, "--max-backtracks must be >= 0", None),
+            (self.batch_size >= 1, "--batch-size must be at least 1", None),
+            (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
+        ]
+        for ok, message, hint in checks:
+            if not ok:
+                raise InputError(message, hint=hint)
+
+    def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict (recorded in the output metadata)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TeleportConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,126 @@
+"""Model specifications to ``nn.Module``, and strict loading of state dicts.
+
+A checkpoint's metadata names its architecture: ``arch`` (a built-in name such as ``mlp``, or
+any timm model name) and ``model_kwargs`` (JSON). Metadata may only name built-in or timm
+architectures, never import code: a data file must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+class MLP(nn.Module):
+    """A ReLU multilayer perceptron classifier.
+
+    Args:
+        in_features: input dimension (64 for 8x8 digits).
+        hidden: widths of the hidden layers.
+        num_classes: number of output logits.
+
+    Input ``(N, in_features)`` float32; output ``(N, num_classes)`` logits. Modules are named
+    ``hidden.0``, ``hidden.1``, ..., ``head``.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: list[int] | tuple[int, ...] = (128, 64), num_classes: int = 10):
+        super().__init__()
+        widths = [in_features, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
+
+
+def build_model(arch: str, kwargs: dict | None = None) -> nn.Module:
+    """Instantiate a built-in architecture or a timm model (random init, no download).
+
+    Raises:
+        InputError: unknown architecture or keyword arguments it does not take.
+    """
+    kwargs = dict(kwargs or {})
+    try:
+        if arch in BUILTIN:
+            return BUILTIN[arch](**kwargs)
+        import timm
+
+        if not timm.is_model(arch):
+            raise InputError(f"unknown architecture {arch!r}", hint=f"use a built-in ({', '.join(BUILTIN)}) or a timm model name")
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise InputError(f"architecture {arch!r} does not accept these model kwargs: {e}", hint="check model_kwargs") from None
+
+
+def model_from_metadata(metadata: dict[str, str], source: str) -> tuple[nn.Module, str, dict]:
+    """Build the model that a checkpoint's metadata describes.
+
+    Returns:
+        (model, arch, kwargs).
+
+    Raises:
+        InputError: no ``arch`` entry, or invalid ``model_kwargs`` JSON.
+    """
+    arch = metadata.get("arch")
+    if not arch:
+        raise InputError(
+            f"{source} has no 'arch' entry in its safetensors metadata, so the model cannot be rebuilt",
+            hint="save it with metadata {'arch': NAME, 'model_kwargs': JSON}",
+        )
+    try:
+        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source}: metadata 'model_kwargs' is not valid JSON ({e.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{source}: metadata 'model_kwargs' must be a JSON object")
+    return build_model(arch, kwargs), arch, kwargs
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor; list all missing, unexpected and mis-shaped keys in one error.
+
+    Raises:
+        InputError: the state dict does not fit the model.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes))
+    if problems:
+        raise InputError(f"{source} does not fit the model: " + " | ".join(problems), hint="is the architecture right?")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``.
+
+    Raises:
+        InputError: ``cuda`` asked for on a machine without a usable GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available", hint="use --device cpu or auto")
+    return torch.device(name)

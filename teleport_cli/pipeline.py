@@ -1,0 +1,297 @@
+"""The stages in order: load -> capture -> bases -> teleport -> verify -> save.
+
+:func:`teleport` is the library API (a model and data in memory, usable inside a training
+loop); :func:`apply` is what ``teleport apply`` runs (files in, a verified file out).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .bases import LayerBasis, layer_basis
+from .capture import capture_grams
+from .checkpoint import check_output_path, load_checkpoint, save_checkpoint
+from .config import TeleportConfig
+from .data import TensorData, as_tensor_data, load_tensor_data, split_holdout
+from .errors import NoStepAccepted, VerificationFailed
+from .layers import find_layers
+from .models import load_strict, model_from_metadata, resolve_device
+from .objectives import LOSS_FUNCTIONS
+from .records import LayerSummary, TeleportStats, Verification
+from .teleport import ascend, relative_changes
+from .verify import compare, noise_floor
+
+# on_event(stage, done, total): stage is "capture", "teleport" or "verify"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TeleportOutcome:
+    """Result of :func:`teleport`.
+
+    Attributes:
+        model: the teleported copy of the model (eval mode, same device).
+        layers: one summary per Linear/Conv2d layer, teleported or not (with the reason).
+        stats: what the ascent loop did.
+        verification: calibration and held-out checks against the original.
+        holdout_indices: indices of the calibration data set aside as held-out set, or None.
+        calibration_sha256: hash of the calibration samples actually used.
+    """
+
+    model: nn.Module
+    layers: tuple[LayerSummary, ...]
+    bases: dict[str, LayerBasis]
+    stats: TeleportStats
+    verification: Verification
+    holdout_indices: list[int] | None
+    calibration_sha256: str
+
+    @property
+    def verified(self) -> bool:
+        return self.verification.passed
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def _summaries(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...]:
+    out = []
+    for spec, _ in layers:
+        acc = accs[spec.name]
+        basis = bases.get(spec.name)
+        reason = ""
+        if acc.calls == 0:
+            reason = "never called on the calibration set (dead branch)"
+        elif not acc.plain:
+            reason = f"output is not F.linear/F.conv2d of its input and weight (relative error {acc.plain_error:.2g})"
+        elif basis is not None and basis.null_dim == 0:
+            reason = "null space is empty at this tau"
+        out.append(
+            LayerSummary(
+                spec.name, spec.kind, spec.d_in, spec.d_out, spec.groups, acc.rows,
+                basis.rank if basis else 0, basis.null_dim if basis else 0,
+                not reason, reason, changes.get(spec.name, 0.0),
+            )
+        )
+    for ex in excluded:
+        out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
+    return tuple(out)
+
+
+def teleport(
+    model: nn.Module,
+    calibration,
+    config: TeleportConfig | None = None,
+    *,
+    holdout=None,
+    on_event: Progress | None = None,
+) -> TeleportOutcome:
+    """Teleport ``model`` along the calibration-loss level set and verify the result.
+
+    The original model is left unchanged (its training mode is restored on return); the
+    teleported copy is in ``outcome.model``. Runs on the device of the model's parameters.
+
+    Args:
+        model: a classifier returning ``(N, C)`` logits.
+        calibration: :class:`~teleport_cli.data.TensorData` or ``(inputs, targets)``.
+        config: settings (defaults: :class:`~teleport_cli.config.TeleportConfig`).
+        holdout: held-out data; when None, ``config.holdout_fraction`` of ``calibration``
+            (seeded by ``config.seed``) is set aside.
+        on_event: progress callback ``(stage, done, total)``.
+
+    Returns:
+        :class:`TeleportOutcome`; check ``outcome.verified`` before using the weights.
+
+    Raises:
+        InputError: the data do not fit the model, or the model is not deterministic.
+    """
+    config = config or TeleportConfig()
+    event = on_event or (lambda stage, done, total: None)
+    loss_fn = LOSS_FUNCTIONS[config.loss]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        cal = as_tensor_data(calibration, "calibration data")
+        indices = None
+        if holdout is None:
+            cal, hold, indices = split_holdout(cal, config.holdout_fraction, config.seed)
+        else:
+            hold = as_tensor_data(holdout, "held-out data")
+        cal_batches = cal.batches(config.batch_size, device)
+        hold_batches = hold.batches(config.batch_size, device)
+
+        _, floor = noise_floor(model, cal_batches, loss_fn, cal.source)
+        layers, excluded = find_layers(model)
+        done = [0]
+
+        def captured(k: int) -> None:
+            done[0] += k
+            event("capture", done[0], len(cal))
+
+        accs = capture_grams(model, layers, cal_batches, captured)
+        bases = {
+            spec.name: layer_basis(spec.name, accs[spec.name].gram, config.tau)
+            for spec, _ in layers
+            if accs[spec.name].calls > 0 and accs[spec.name].plain
+        }
+
+        moved = copy.deepcopy(model)
+        moved_layers, _ = find_layers(moved)
+
+        def stepped(step: int, record) -> None:
+            event("teleport", step, config.steps)
+
+        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, on_step=stepped)
+        changes = relative_changes(moved, model, [s.name for s, _ in layers])
+        event("verify", 0, 2)
+        check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
+        event("verify", 1, 2)
+        check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
+        event("verify", 2, 2)
+        return TeleportOutcome(
+            moved,
+            _summaries(layers, excluded, accs, bases, changes),
+            bases,
+            stats,
+            Verification(check_cal, check_hold, floor),
+            indices,
+            cal.sha256(),
+        )
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class ApplyResult:
+    """What ``teleport apply`` did: the outcome, the output path and the total seconds."""
+
+    outcome: TeleportOutcome
+    output: str | None
+    seconds: float
+    arch: str
+    source: str
+
+    def to_dict(self) -> dict:
+        """The JSON document of ``teleport apply --json``."""
+        o = self.outcome
+        v = o.verification
+
+        def set_dict(c):
+            return {
+                "loss_before": c.loss_before,
+                "loss_after": c.loss_after,
+                "relative_loss_drift": c.loss_drift,
+                "max_abs_logit_diff": c.max_abs_logit_diff,
+                "accuracy_before": c.accuracy_before,
+                "accuracy_after": c.accuracy_after,
+                "samples": c.samples,
+                "tolerance": c.tolerance,
+                "passed": c.passed,
+            }
+
+        return {
+            "verified": v.passed,
+            "output": self.output,
+            "source": self.source,
+            "arch": self.arch,
+            "seconds": round(self.seconds, 3),
+            "grad_norm_before": o.stats.grad_norm_before,
+            "grad_norm_after": o.stats.grad_norm_after,
+            "grad_norm_ratio": o.stats.grad_norm_ratio,
+            "steps_accepted": o.stats.steps_accepted,
+            "steps_rejected": o.stats.steps_rejected,
+            "stop_reason": o.stats.stop_reason,
+            "noise_floor": v.noise_floor,
+            "calibration": set_dict(v.calibration),
+            "holdout": set_dict(v.holdout),
+            "holdout_source": "split" if o.holdout_indices is not None else "file",
+            "layers": [l.to_dict() for l in o.layers],
+        }
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {"teleport_cli": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def apply(
+    checkpoint: str | Path,
+    data: str | Path,
+    output: str | Path,
+    config: TeleportConfig | None = None,
+    *,
+    holdout: str | Path | None = None,
+    force: bool = False,
+    on_event: Progress | None = None,
+) -> ApplyResult:
+    """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
+
+    Raises:
+        InputError (exit 3): unreadable or unfit inputs.
+        OutputError (exit 6): the output exists (without ``force``), is an input, or cannot be written.
+        NoStepAccepted (exit 5): no step was accepted; nothing written.
+        VerificationFailed (exit 4): a drift gate failed; nothing written.
+    """
+    start = time.perf_counter()
+    config = config or TeleportConfig()
+    out = check_output_path(output, [checkpoint, data, holdout], force)
+    ckpt = load_checkpoint(checkpoint)
+    model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
+    load_strict(model, ckpt.state_dict, str(checkpoint))
+    cal = load_tensor_data(data, what="calibration")
+    hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
+    device = resolve_device(config.device)
+    model.to(device)
+    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
+    result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint))
+    if outcome.stats.steps_accepted == 0:
+        raise NoStepAccepted(
+            f"no teleport step was accepted ({outcome.stats.stop_reason}): the weights did not move",
+            hint="lower --step-size, raise --tolerance, or lower --tau for more freedom",
+            result=result,
+        )
+    if not outcome.verified:
+        failed = [c for c in (outcome.verification.calibration, outcome.verification.holdout) if not c.passed]
+        detail = "; ".join(f"{c.name} loss {c.loss_before:.6g} -> {c.loss_after:.6g} (drift {c.loss_drift:.3g} > {c.tolerance:g})" for c in failed)
+        raise VerificationFailed(
+            f"verification failed: {detail}; nothing written",
+            hint="raise --tau, lower --step-size or --steps, or use a larger calibration set",
+            result=result,
+        )
+    metadata = dict(ckpt.metadata)
+    metadata.update(
+        {
+            "format": "pt",
+            "arch": arch,
+            "model_kwargs": json.dumps(kwargs),
+            "teleport": json.dumps(config.to_dict()),
+            "teleport_stats": json.dumps(outcome.stats.to_dict()),
+            "verification": json.dumps(outcome.verification.to_dict()),
+            "calibration_sha256": outcome.calibration_sha256,
+            "holdout": json.dumps(
+                {"source": "split", "seed": config.seed, "fraction": config.holdout_fraction, "indices": outcome.holdout_indices}
+                if outcome.holdout_indices is not None
+                else {"source": "file", "path": str(holdout)}
+            ),
+            "source_file": Path(checkpoint).name,
+            "source_sha256": ckpt.sha256,
+            "versions": json.dumps(_versions()),
+        }
+    )
+    metadata.setdefault("data_config", json.dumps({}))
+    state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    save_checkpoint(out, state, metadata)
+    result.output = str(out)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,109 @@
+"""Verification: determinism first, then loss, logits and accuracy before and after.
+
+The gate (shared with the ascent loop): a data set passes when
+``|L_after - L_before| <= tolerance * |L_before| + 1e-6 + noise_floor``, where the noise floor
+is the loss difference between two identical runs of the original model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .objectives import Batches
+from .records import SetCheck
+from .teleport import drift_ok
+
+# A run-to-run loss difference above this share of the loss cannot come from floating-point
+# reordering: something random runs in the forward pass.
+MAX_NOISE = 1e-4
+
+
+def forward_checked(model: nn.Module, x: torch.Tensor, source: str) -> torch.Tensor:
+    """``model(x)``, turning shape errors into a one-line InputError that names the data."""
+    try:
+        return model(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"the samples of {source} (shape {tuple(x.shape[1:])} each) do not fit the model: {first}",
+            hint="check that the data were preprocessed for this checkpoint",
+        ) from None
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data") -> float:
+    """Mean loss over all batches (nats), in one streaming pass."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += float(loss_fn(forward_checked(model, x, source), y))
+        n += int(x.shape[0])
+    return total / max(n, 1)
+
+
+def noise_floor(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data") -> tuple[float, float]:
+    """Run the model twice on the same data; return (loss, |difference|).
+
+    Raises:
+        InputError: the two runs differ by more than ``MAX_NOISE`` of the loss (dropout or other
+            randomness active in eval mode, or modules left in training mode).
+    """
+    a = evaluate_loss(model, batches, loss_fn, source)
+    b = evaluate_loss(model, batches, loss_fn, source)
+    floor = abs(a - b)
+    if floor > MAX_NOISE * max(abs(a), 1e-12):
+        training = [n for n, m in model.named_modules() if m.training]
+        cause = (
+            f"modules still in training mode: {', '.join(training[:5])}"
+            if training
+            else "randomness in forward (dropout applied regardless of eval mode, random layers) or non-deterministic kernels"
+        )
+        raise InputError(
+            f"the model is not deterministic: two identical runs on {source} give losses {a:.6g} and {b:.6g} ({cause})",
+            hint="make forward deterministic in eval mode; a teleport cannot be verified otherwise",
+        )
+    return a, floor
+
+
+@torch.no_grad()
+def compare(
+    original: nn.Module,
+    teleported: nn.Module,
+    batches: Batches,
+    loss_fn: Callable,
+    *,
+    name: str,
+    tolerance: float,
+    floor: float,
+) -> SetCheck:
+    """Run both models on every batch and compare loss, logits and accuracy (streaming)."""
+    loss0 = loss1 = 0.0
+    correct0 = correct1 = n = 0
+    max_diff = max_logit = 0.0
+    for x, y in batches:
+        a = forward_checked(original, x, name).float()
+        b = forward_checked(teleported, x, name).float()
+        loss0 += float(loss_fn(a, y))
+        loss1 += float(loss_fn(b, y))
+        correct0 += int((a.argmax(-1) == y).sum())
+        correct1 += int((b.argmax(-1) == y).sum())
+        max_diff = max(max_diff, float((a - b).abs().max()))
+        max_logit = max(max_logit, float(a.abs().max()))
+        n += int(y.numel())
+    loss0, loss1 = loss0 / n, loss1 / n
+    return SetCheck(
+        name=name,
+        samples=n,
+        loss_before=loss0,
+        loss_after=loss1,
+        max_abs_logit_diff=max_diff,
+        max_abs_logit=max_logit,
+        accuracy_before=correct0 / n,
+        accuracy_after=correct1 / n,
+        tolerance=tolerance,
+        noise_floor=floor,
+        passed=bool(drift_ok(loss1, loss0, tolerance, floor) and torch.isfinite(torch.tensor(loss1))),
+    )

@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_checkpoints"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def samples() -> Path:
+    return SAMPLES

@@ -1,0 +1,142 @@
+"""The ascent loop and its objective against independent computations."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from teleport_cli import TeleportConfig, teleport
+from teleport_cli.checkpoint import load_checkpoint
+from teleport_cli.data import load_tensor_data
+from teleport_cli.models import MLP, load_strict, model_from_metadata
+from teleport_cli.objectives import cross_entropy_sum, full_gradient, hessian_vector_product
+
+
+@pytest.fixture
+def mid_model(samples):
+    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
+    model, _, _ = model_from_metadata(ck.metadata, ck.path)
+    load_strict(model, ck.state_dict, ck.path)
+    return model
+
+
+def test_tau1_few_samples_keeps_calibration_logits_after_multi_step_teleport(mid_model, samples):
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    few = cal.subset(torch.arange(24))  # 24 samples < d_in of every layer (64, 128, 64)
+    hold = load_tensor_data(samples / "digits_holdout.safetensors")
+    config = TeleportConfig(tau=1.0, steps=10, step_size=0.05, max_step=1.0, holdout_tolerance=10.0)
+    out = teleport(mid_model, few, config, holdout=hold)
+    assert out.stats.steps_accepted == 10
+    with torch.no_grad():
+        before, after = mid_model(few.inputs), out.model(few.inputs)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    # The later layers moved for real. With exact null spaces the first layer cannot change
+    # the gradient norm (its inputs, outputs and gradient stay the same), so H g has no
+    # component in its null space and it stays put; biases never move.
+    moved = {n: ((dict(out.model.named_modules())[n].weight - w0).norm() / w0.norm()).item()
+             for n, w0 in ((n, dict(mid_model.named_modules())[n].weight) for n in ("hidden.0", "hidden.1", "head"))}
+    assert moved["hidden.1"] > 1e-2 and moved["head"] > 1e-2
+    assert moved["hidden.0"] < 1e-6
+    for (k, a), (_, b) in zip(mid_model.state_dict().items(), out.model.state_dict().items()):
+        if k.endswith("bias"):
+            assert torch.equal(a, b)
+    assert out.stats.grad_norm_after > out.stats.grad_norm_before
+
+
+def _flat_loss(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+
+    def loss(theta):
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return F.cross_entropy(functional_call(model, params, (x,)), y, reduction="mean")
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return loss, theta, names, sizes
+
+
+def test_objective_gradient_is_explicit_hessian_times_full_gradient_for_any_batching():
+    torch.manual_seed(1)
+    model = MLP(6, [5], 3).double()
+    x = torch.randn(23, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,))
+    params = list(model.parameters())
+    wrt = [model.hidden[0].weight, model.head.weight]
+
+    loss, theta, names, sizes = _flat_loss(model, x, y)
+    h = torch.autograd.functional.hessian(loss, theta)
+    g = torch.autograd.functional.jacobian(loss, theta)
+    hg = (h @ g).split(sizes)
+    expected = {n: t for n, t in zip(names, hg)}
+
+    results = []
+    for bs in (23, 7, 1):
+        batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, 23, bs)]
+        state = full_gradient(model, batches, cross_entropy_sum, params, 23)
+        assert state.grad_norm == pytest.approx(g.norm().item(), rel=1e-12)
+        assert state.loss == pytest.approx(loss(theta).item(), rel=1e-12)
+        hv = hessian_vector_product(model, batches, cross_entropy_sum, params, state.grads, wrt, 23)
+        assert torch.allclose(hv[0].reshape(-1), expected["hidden.0.weight"], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(hv[1].reshape(-1), expected["head.weight"], rtol=1e-10, atol=1e-12)
+        results.append(hv)
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+
+
+def test_default_teleport_of_mid_checkpoint_raises_gradient_norm_within_drift(mid_model, samples):
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    hold = load_tensor_data(samples / "digits_holdout.safetensors")
+    out = teleport(mid_model, cal, TeleportConfig(), holdout=hold)
+    assert out.verified
+    # recompute everything independently in float64
+    m0, m1 = copy.deepcopy(mid_model).double(), copy.deepcopy(out.model).double()
+    x, y = cal.inputs.double(), cal.targets
+
+    def grad_norm(m):
+        loss = F.cross_entropy(m(x), y)
+        gs = torch.autograd.grad(loss, list(m.parameters()))
+        return loss.item(), torch.sqrt(sum((t**2).sum() for t in gs)).item()
+
+    l0, g0 = grad_norm(m0)
+    l1, g1 = grad_norm(m1)
+    assert g1 / g0 >= 1.5
+    assert abs(l1 - l0) / l0 < 1e-2
+    assert out.stats.grad_norm_before == pytest.approx(g0, rel=1e-4)
+    assert out.stats.grad_norm_after == pytest.approx(g1, rel=1e-4)
+    with torch.no_grad():
+        hl0 = F.cross_entropy(m0(hold.inputs.double()), hold.targets).item()
+        hl1 = F.cross_entropy(m1(hold.inputs.double()), hold.targets).item()
+    assert out.verification.holdout.loss_before == pytest.approx(hl0, rel=1e-5)
+    assert out.verification.holdout.loss_after == pytest.approx(hl1, rel=1e-5)
+
+
+def test_max_step_caps_each_layers_relative_change(mid_model, samples):
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    out = teleport(mid_model, cal, TeleportConfig(max_step=0.01, steps=20, step_size=0.05, holdout_tolerance=1.0))
+    assert out.stats.steps_accepted > 0
+    for layer in out.layers:
+        w0 = dict(mid_model.named_modules())[layer.name].weight
+        w1 = dict(out.model.named_modules())[layer.name].weight
+        rel = ((w1 - w0).norm() / w0.norm()).item()
+        assert rel <= 0.01 * (1 + 1e-5)
+        assert rel == pytest.approx(layer.rel_weight_change, rel=1e-4, abs=1e-9)
+
+
+def test_library_leaves_the_original_model_and_its_mode_untouched(mid_model, samples):
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    before = {k: v.clone() for k, v in mid_model.state_dict().items()}
+    mid_model.train()
+    teleport(mid_model, (cal.inputs, cal.targets), TeleportConfig(steps=3))
+    assert mid_model.training
+    assert all(torch.equal(before[k], v) for k, v in mid_model.state_dict().items())
+
+
+def test_exact_null_space_on_many_samples_gives_no_freedom(mid_model, samples):
+    """tau = 1 with more samples than d_in: only dead directions are null, where H g vanishes."""
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    out = teleport(mid_model, cal, TeleportConfig(tau=1.0, steps=5))
+    assert out.stats.steps_accepted == 0
+    assert out.stats.stop_reason == "no_freedom"
