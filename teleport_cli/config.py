@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .errors import InputError
+from .errors import ConfigError
 
 LOSSES = ("ce",)
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,7 +78,7 @@ class TeleportConfig:
         ]
         for ok, message, hint in checks:
             if not ok:
-                raise InputError(message, hint=hint)
+                raise ConfigError(message, hint=hint)
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (recorded in the output metadata)."""

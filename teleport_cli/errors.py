@@ -79,3 +79,9 @@ class OutputError(TeleportError):
     """The output path cannot or must not be written (exit code 6)."""
 
     exit_code = EXIT_OUTPUT
+
+
+class ConfigError(TeleportError):
+    """An option value out of its range (exit code 2, like click's usage errors)."""
+
+    exit_code = EXIT_USAGE

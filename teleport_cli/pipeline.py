@@ -245,12 +245,12 @@ def apply(
     """
     start = time.perf_counter()
     config = config or TeleportConfig()
-    out = check_output_path(output, [checkpoint, data, holdout], force)
     ckpt = load_checkpoint(checkpoint)
     model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
     load_strict(model, ckpt.state_dict, str(checkpoint))
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
+    out = check_output_path(output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)

@@ -1,67 +1,17 @@
-"""The ``teleport`` command line: parse, call the library, render. The only importer of click/rich.
-
-stdout carries only the result (one JSON document with ``--json``); tables, progress and errors
-go to stderr. User mistakes end in one line and a documented exit code, never a traceback.
-"""
+"""``teleport apply``: teleport a checkpoint, verify, write."""
 
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import contextmanager
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
-from .config import DEVICES, LOSSES, TeleportConfig
-from .errors import EXIT_INTERNAL, NoStepAccepted, TeleportError, VerificationFailed
-
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0  success
-  1  internal error (a bug; please report it)
-  2  usage error (bad flag or value)
-  3  bad input (missing/unreadable/malformed checkpoint or data, data that do not fit)
-  4  verification failed (loss changed beyond tolerance; nothing written)
-  5  no teleport step accepted (nothing written)
-  6  output refused (exists without --force, is an input, folder missing or not writable)
-"""
+from ..config import DEVICES, LOSSES, TeleportConfig
+from ..errors import NoStepAccepted, TeleportError, VerificationFailed
+from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
 
 D = TeleportConfig()
-
-
-def _stderr() -> Console:
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console.width = 120  # rich assumes 80 columns when stderr is a file or pipe
-    return console
-
-
-@contextmanager
-def _progress(enabled: bool):
-    """A rich progress bar on stderr when it is a terminal; yields an on_event callback."""
-    console = _stderr()
-    if not enabled or not console.is_terminal:
-        yield None
-        return
-    columns = [TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_event(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield on_event
-
-
-def _fail(err: TeleportError) -> None:
-    _stderr().print(f"[bold red]error:[/] {err.one_line()}", highlight=False, soft_wrap=True)
-    sys.exit(err.exit_code)
 
 
 def _summary_table(doc: dict) -> Table:
@@ -97,17 +47,7 @@ def _layer_table(layers: list[dict]) -> Table:
     return t
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EXIT_CODES_HELP)
-@click.version_option(__version__, prog_name="teleport")
-def cli() -> None:
-    """Null-space teleportation of PyTorch checkpoints (arXiv:2502.11362).
-
-    Moves the weights along the loss level set of a calibration set to a point with a larger
-    gradient norm, verifies that the loss is unchanged, and writes a new checkpoint.
-    """
-
-
-@cli.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration set (.safetensors with 'inputs' and 'targets').")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.safetensors); never an input.")
@@ -129,7 +69,7 @@ def cli() -> None:
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
           batch_size, seed, device, loss, force, as_json, quiet) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
-    from .pipeline import apply as run_apply
+    from ..pipeline import apply as run_apply
 
     try:
         config = TeleportConfig(
@@ -137,20 +77,20 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
-        with _progress(not quiet) as on_event:
+        with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
             _render(e.result.to_dict(), as_json, quiet)
-        _fail(e)
+        fail(e)
     except TeleportError as e:
-        _fail(e)
+        fail(e)
     _render(result.to_dict(), as_json, quiet)
 
 
 def _render(doc: dict, as_json: bool, quiet: bool) -> None:
     if not quiet:
-        err = _stderr()
+        err = stderr_console()
         err.print(_layer_table(doc["layers"]))
         err.print(_summary_table(doc))
         err.print(
@@ -164,19 +104,3 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
     elif doc["output"]:
         click.echo(doc["output"])
-
-
-def main() -> None:
-    """Console-script entry point: map unexpected exceptions to exit code 1 with a short note."""
-    try:
-        cli(standalone_mode=True)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        _stderr().print("interrupted")
-        sys.exit(130)
-    except Exception:  # a bug, not a user mistake: keep the traceback
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(EXIT_INTERNAL)

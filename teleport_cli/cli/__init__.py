@@ -1,0 +1,48 @@
+"""The ``teleport`` command line. This package is the only importer of click and rich.
+
+One module per command (``apply``, ...); ``common`` holds the console, progress bar and error
+rendering they share. stdout carries only the result (one JSON document with ``--json``);
+tables, progress and errors go to stderr. User mistakes end in one line and a documented exit
+code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import EXIT_INTERNAL
+from .common import EXIT_CODES_HELP, stderr_console
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="teleport")
+def cli() -> None:
+    """Null-space teleportation of PyTorch checkpoints (arXiv:2502.11362).
+
+    Moves the weights along the loss level set of a calibration set to a point with a larger
+    gradient norm, verifies that the loss is unchanged, and writes a new checkpoint.
+    """
+
+
+from .apply import apply  # noqa: E402
+
+cli.add_command(apply)
+
+
+def main() -> None:
+    """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""
+    try:
+        cli(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        stderr_console().print("interrupted")
+        sys.exit(130)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(EXIT_INTERNAL)

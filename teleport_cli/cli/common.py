@@ -1,0 +1,56 @@
+"""What the commands share: the stderr console, the progress bar, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from ..errors import TeleportError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug; please report it)
+  2  usage error (bad flag or value)
+  3  bad input (missing/unreadable/malformed checkpoint or data, data that do not fit)
+  4  verification failed (loss changed beyond tolerance; nothing written)
+  5  no teleport step accepted (nothing written)
+  6  output refused (exists without --force, is an input, folder missing or not writable)
+"""
+
+
+def stderr_console() -> Console:
+    """A rich console on stderr (120 columns when stderr is not a terminal)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 120  # rich assumes 80 columns when stderr is a file or pipe
+    return console
+
+
+@contextmanager
+def progress_events(enabled: bool):
+    """A rich progress bar on stderr when it is a terminal; yields an ``on_event`` callback or None."""
+    console = stderr_console()
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = [TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_event(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield on_event
+
+
+def fail(err: TeleportError) -> None:
+    """Print the error's one line on stderr and exit with its code."""
+    stderr_console().print(Text.assemble(("error: ", "bold red"), err.one_line()), soft_wrap=True)
+    sys.exit(err.exit_code)
