@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-LOSSES = ("ce",)
+LOSSES = ("ce", "lm")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,7 +43,8 @@ class TeleportConfig:
             ``--holdout`` is given (seeded by ``seed``).
         seed: seed for the held-out split and any random choice.
         device: ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
-        loss: ``ce`` (cross-entropy on class logits).
+        loss: ``ce`` (cross-entropy on ``(N, C)`` class logits) or ``lm`` (next-token
+            cross-entropy on ``(N, T, V)`` logits against ``(N, T)`` targets).
     """
 
     tau: float = 0.99

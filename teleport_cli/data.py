@@ -2,6 +2,8 @@
 
 A tensor file is a safetensors file with two tensors: ``inputs`` (``N x ...``, float, already
 preprocessed the way the model expects) and ``targets`` (``N``, integer class indices).
+Image folders and token files: :mod:`teleport_cli.data_images`, :mod:`teleport_cli.data_tokens`;
+which one a path is: :mod:`teleport_cli.data_sources`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def load_tensor_data(path: str | Path, *, what: str = "data") -> TensorData:
             non-integer targets.
     """
     tensors, _ = read_tensor_file(path, what=what)
+    return tensor_data_from(tensors, path, what=what)
+
+
+def tensor_data_from(tensors: dict[str, torch.Tensor], path: str | Path, *, what: str = "data") -> TensorData:
+    """The checks of :func:`load_tensor_data` on tensors already read from ``path``."""
     missing = [k for k in ("inputs", "targets") if k not in tensors]
     if missing:
         raise InputError(

@@ -1,8 +1,10 @@
 """Model specifications to ``nn.Module``, and strict loading of state dicts.
 
-A checkpoint's metadata names its architecture: ``arch`` (a built-in name such as ``mlp``, or
-any timm model name) and ``model_kwargs`` (JSON). Metadata may only name built-in or timm
-architectures, never import code: a data file must not be able to run code.
+A checkpoint's metadata names its architecture: ``arch`` (a built-in name such as ``mlp`` or
+``char_lm``, or any timm model name) and ``model_kwargs`` (JSON). Metadata may only name
+built-in or timm architectures, never import code: a data file must not be able to run code.
+A user's own ``nn.Module`` comes from the command line only (``--model package.module:factory``,
+see :mod:`teleport_cli.factories`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .charlm import CharLM
 from .errors import InputError
 
 
@@ -41,7 +44,7 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "char_lm": CharLM}
 
 
 def build_model(arch: str, kwargs: dict | None = None) -> nn.Module:
@@ -59,7 +62,7 @@ def build_model(arch: str, kwargs: dict | None = None) -> nn.Module:
         if not timm.is_model(arch):
             raise InputError(f"unknown architecture {arch!r}", hint=f"use a built-in ({', '.join(BUILTIN)}) or a timm model name")
         return timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise InputError(f"architecture {arch!r} does not accept these model kwargs: {e}", hint="check model_kwargs") from None
 
 
@@ -84,7 +87,19 @@ def model_from_metadata(metadata: dict[str, str], source: str) -> tuple[nn.Modul
         raise InputError(f"{source}: metadata 'model_kwargs' is not valid JSON ({e.msg})") from None
     if not isinstance(kwargs, dict):
         raise InputError(f"{source}: metadata 'model_kwargs' must be a JSON object")
+    if ":" in arch or (arch not in BUILTIN and not _is_timm(arch)):
+        raise InputError(
+            f"{source}: metadata names the architecture {arch!r}, which is neither built-in nor a timm model; "
+            "a checkpoint's metadata may not name code to import",
+            hint="if you trust that code, pass --model package.module:factory on the command line",
+        )
     return build_model(arch, kwargs), arch, kwargs
+
+
+def _is_timm(arch: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(arch))
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -19,12 +19,13 @@ from torch import nn
 from . import __version__
 from .bases import LayerBasis, layer_basis
 from .capture import capture_grams
-from .checkpoint import check_output_path, load_checkpoint, save_checkpoint
+from .checkpoint import check_output_path, save_checkpoint
 from .config import TeleportConfig
-from .data import TensorData, as_tensor_data, load_tensor_data, split_holdout
+from .data import TensorData, as_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
-from .models import load_strict, model_from_metadata, resolve_device
+from .inputs import load_inputs
+from .models import resolve_device
 from .objectives import LOSS_FUNCTIONS
 from .records import LayerSummary, TeleportStats, Verification
 from .teleport import ascend, relative_changes
@@ -234,8 +235,17 @@ def apply(
     holdout: str | Path | None = None,
     force: bool = False,
     on_event: Progress | None = None,
+    model: str | None = None,
+    model_kwargs: str | dict | None = None,
+    samples: int | None = None,
+    loss_from_checkpoint: bool = False,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
+
+    ``model``/``model_kwargs`` override the metadata's architecture (``--model``,
+    ``--model-kwargs``); ``samples`` keeps a seeded choice of calibration samples
+    (``--samples``, seeded by ``config.seed``); with ``loss_from_checkpoint`` the checkpoint's
+    ``loss`` metadata (if any) replaces ``config.loss``. Data kinds: :mod:`teleport_cli.data_sources`.
 
     Raises:
         InputError (exit 3): unreadable or unfit inputs.
@@ -245,11 +255,12 @@ def apply(
     """
     start = time.perf_counter()
     config = config or TeleportConfig()
-    ckpt = load_checkpoint(checkpoint)
-    model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
-    load_strict(model, ckpt.state_dict, str(checkpoint))
-    cal = load_tensor_data(data, what="calibration")
-    hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
+    inputs = load_inputs(checkpoint, data, holdout, model=model, model_kwargs=model_kwargs, samples=samples, seed=config.seed)
+    if loss_from_checkpoint and inputs.loss is not None:
+        config = config.replace(loss=inputs.loss)
+    ckpt, model, arch, kwargs = inputs.checkpoint, inputs.model.model, inputs.model.arch, inputs.model.kwargs
+    cal = inputs.calibration.data
+    hold = inputs.holdout.data if inputs.holdout is not None else None
     out = check_output_path(output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
@@ -287,6 +298,9 @@ def apply(
             "source_file": Path(checkpoint).name,
             "source_sha256": ckpt.sha256,
             "versions": json.dumps(_versions()),
+            "loss": config.loss,
+            "model_origin": inputs.model.origin,
+            "calibration_data": json.dumps(inputs.calibration.record()),
         }
     )
     metadata.setdefault("data_config", json.dumps({}))

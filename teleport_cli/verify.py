@@ -81,7 +81,7 @@ def compare(
 ) -> SetCheck:
     """Run both models on every batch and compare loss, logits and accuracy (streaming)."""
     loss0 = loss1 = 0.0
-    correct0 = correct1 = n = 0
+    correct0 = correct1 = n = labels = 0  # n: samples (losses are per sample); labels: targets (tokens for lm)
     max_diff = max_logit = 0.0
     for x, y in batches:
         a = forward_checked(original, x, name).float()
@@ -92,7 +92,8 @@ def compare(
         correct1 += int((b.argmax(-1) == y).sum())
         max_diff = max(max_diff, float((a - b).abs().max()))
         max_logit = max(max_logit, float(a.abs().max()))
-        n += int(y.numel())
+        n += int(x.shape[0])
+        labels += int(y.numel())
     loss0, loss1 = loss0 / n, loss1 / n
     return SetCheck(
         name=name,
@@ -101,8 +102,8 @@ def compare(
         loss_after=loss1,
         max_abs_logit_diff=max_diff,
         max_abs_logit=max_logit,
-        accuracy_before=correct0 / n,
-        accuracy_after=correct1 / n,
+        accuracy_before=correct0 / labels,
+        accuracy_after=correct1 / labels,
         tolerance=tolerance,
         noise_floor=floor,
         passed=bool(drift_ok(loss1, loss0, tolerance, floor) and torch.isfinite(torch.tensor(loss1))),

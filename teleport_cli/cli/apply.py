@@ -49,9 +49,9 @@ def _layer_table(layers: list[dict]) -> Table:
 
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration set (.safetensors with 'inputs' and 'targets').")
+@click.option("--data", "data", required=True, type=click.Path(), help="Calibration set: tensor file, token file, text file or image folder (see README).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.safetensors); never an input.")
-@click.option("--holdout", type=click.Path(dir_okay=False), default=None, help="Held-out set; default: a seeded 20% of --data.")
+@click.option("--holdout", type=click.Path(), default=None, help="Held-out set (same kinds as --data); default: a seeded 20% of --data.")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--steps", type=int, default=D.steps, show_default=True, help="Maximum accepted ascent steps.")
 @click.option("--step-size", type=float, default=D.step_size, show_default=True, help="Step length relative to the norm of the teleported weights.")
@@ -62,12 +62,15 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
-@click.option("--loss", type=click.Choice(LOSSES), default=D.loss, show_default=True, help="Loss that defines the level set.")
+@click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")
+@click.option("--model", "model_name", default=None, help="Architecture: a timm or built-in name, or package.module:factory (imports it); default: the checkpoint's metadata.")
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the architecture; replaces the metadata's.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded (--seed) random choice of this many calibration samples.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          batch_size, seed, device, loss, force, as_json, quiet) -> None:
+          batch_size, seed, device, loss, model_name, model_kwargs, samples, force, as_json, quiet) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
@@ -75,10 +78,11 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, batch_size=batch_size,
-            seed=seed, device=device, loss=loss,
+            seed=seed, device=device, loss=loss or D.loss,
         )
         with progress_events(not quiet) as on_event:
-            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event)
+            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event,
+                               model=model_name, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
             _render(e.result.to_dict(), as_json, quiet)
