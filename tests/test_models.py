@@ -93,7 +93,6 @@ def test_metadata_may_name_only_builtin_or_timm_architectures(tmp_path, factory_
 
 def test_factory_from_the_command_line_end_to_end(tmp_path, factory_module):
     name, marker = factory_module
-    sys.path.insert(0, str(tmp_path))
     net = __import__(name).make(width=16)
     assert marker.exists()
     marker.unlink()
