@@ -59,6 +59,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tolerance", type=float, default=D.tolerance, show_default=True, help="Allowed relative calibration-loss drift.")
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
+@click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
@@ -67,14 +68,14 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          batch_size, seed, device, loss, force, as_json, quiet) -> None:
+          tangent, batch_size, seed, device, loss, force, as_json, quiet) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, batch_size=batch_size,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
         with progress_events(not quiet) as on_event:
