@@ -24,10 +24,13 @@ PLAIN_RTOL = 1e-4
 
 @dataclass
 class GramAccumulator:
-    """Running Gram of one layer: ``gram`` is ``(groups, d_in, d_in)`` float64 on the CPU."""
+    """Running Gram of one layer: ``gram`` is ``(groups, d_in, d_in)`` float64 on the inputs' device.
+
+    ``gram`` is None until the layer's hook first fires (a dead branch keeps it None).
+    """
 
     spec: LayerSpec
-    gram: torch.Tensor
+    gram: torch.Tensor | None = None
     rows: int = 0
     calls: int = 0
     plain: bool | None = None
@@ -57,7 +60,9 @@ def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, 
                 acc.plain_error = _check_plain(acc.spec, module, x, output.detach())
                 acc.plain = acc.plain_error <= PLAIN_RTOL
             rows = input_rows(acc.spec, module, x).to(torch.float64)
-            acc.gram += torch.bmm(rows.transpose(1, 2), rows).to(acc.gram.device)
+            if acc.gram is None:
+                acc.gram = torch.zeros(acc.spec.groups, acc.spec.d_in, acc.spec.d_in, dtype=torch.float64, device=x.device)
+            acc.gram += torch.bmm(rows.transpose(1, 2), rows)
             acc.rows += rows.shape[1]
             acc.calls += 1
 
@@ -65,7 +70,7 @@ def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, 
 
     try:
         for spec, module in layers:
-            acc = GramAccumulator(spec, torch.zeros(spec.groups, spec.d_in, spec.d_in, dtype=torch.float64))
+            acc = GramAccumulator(spec)
             accs[spec.name] = acc
             handles.append(module.register_forward_hook(make_hook(acc)))
         yield accs
@@ -89,7 +94,7 @@ def capture_grams(
         on_batch: called with the number of samples after each batch (progress).
 
     Returns:
-        name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (CPU), the number of
+        name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (on the inputs' device), the number of
         rows, the number of hook calls (0 means a dead branch) and the plain-map check.
     """
     with torch.no_grad(), gram_hooks(layers) as accs:
