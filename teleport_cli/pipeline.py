@@ -25,7 +25,7 @@ from .data import TensorData, as_tensor_data, load_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
 from .models import load_strict, model_from_metadata, resolve_device
-from .objectives import LOSS_FUNCTIONS
+from .objectives import LOSS_FUNCTIONS, make_objective
 from .records import LayerSummary, TeleportStats, Verification
 from .teleport import ascend, relative_changes
 from .verify import compare, noise_floor
@@ -151,7 +151,8 @@ def teleport(
         def stepped(step: int, record) -> None:
             event("teleport", step, config.steps)
 
-        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, on_step=stepped)
+        objective = make_objective(config.objective, lr=config.lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
         changes = relative_changes(moved, model, [s.name for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
@@ -211,6 +212,9 @@ class ApplyResult:
             "steps_accepted": o.stats.steps_accepted,
             "steps_rejected": o.stats.steps_rejected,
             "stop_reason": o.stats.stop_reason,
+            "objective": o.stats.objective,
+            "objective_before": o.stats.objective_before,
+            "objective_after": o.stats.objective_after,
             "noise_floor": v.noise_floor,
             "calibration": set_dict(v.calibration),
             "holdout": set_dict(v.holdout),

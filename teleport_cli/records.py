@@ -91,6 +91,9 @@ class TeleportStats:
     stop_reason: str
     seconds: float
     history: tuple[StepRecord, ...] = field(default_factory=tuple)
+    objective: str = "grad-norm"
+    objective_before: float | None = None
+    objective_after: float | None = None
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -106,6 +109,9 @@ class TeleportStats:
             "steps_accepted": self.steps_accepted,
             "steps_rejected": self.steps_rejected,
             "stop_reason": self.stop_reason,
+            "objective": self.objective,
+            "objective_before": _finite(self.objective_before),
+            "objective_after": _finite(self.objective_after),
             "seconds": self.seconds,
             "history": [h.to_dict() for h in self.history],
         }

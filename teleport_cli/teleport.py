@@ -103,8 +103,10 @@ def ascend(
 
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
+    score = objective.score(model, batches, loss_fn, params, state, n) if moving else 0.0
+    score0 = score
     if not moving:
-        return TeleportStats(loss0, loss0, gnorm0, gnorm0, 0, 0, "no_freedom", time.perf_counter() - start)
+        return TeleportStats(loss0, loss0, gnorm0, gnorm0, 0, 0, "no_freedom", time.perf_counter() - start, (), objective.name)
 
     w0 = [w.detach().clone() for w in wrt]
     w0_norms = [float(w.double().norm()) for w in w0]
@@ -134,9 +136,10 @@ def ascend(
                         new = base + (new - base) * (config.max_step * base_norm / moved)
                     w.copy_(new)
             cand = full_gradient(model, batches, loss_fn, params, n)
-            improved = objective.sign * (objective.value(cand) - objective.value(state)) > 0
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and improved:
-                break
+            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor):
+                cand_score = objective.score(model, batches, loss_fn, params, cand, n)
+                if objective.sign * (cand_score - score) > 0:
+                    break
             rejected += 1
             backtracks += 1
             if on_step is not None:
@@ -150,7 +153,7 @@ def ascend(
         if backtracks > config.max_backtracks:
             stop = "backtracking"
             break
-        state = cand
+        state, score = cand, cand_score
         accepted += 1
         record = StepRecord(accepted, eta, cand.loss, cand.grad_norm, backtracks)
         history.append(record)
@@ -160,7 +163,8 @@ def ascend(
             stop = "target_ratio"
             break
     return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start, tuple(history)
+        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start, tuple(history),
+        objective.name, score0, score,
     )
 
 

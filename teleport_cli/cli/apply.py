@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from ..config import DEVICES, LOSSES, TeleportConfig
+from ..config import DEVICES, LOSSES, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
 
@@ -59,6 +59,11 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tolerance", type=float, default=D.tolerance, show_default=True, help="Allowed relative calibration-loss drift.")
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
+              help="grad-norm: raise 1/2||g||^2 (the paper's); lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; trace: lower Hutchinson's tr(H).")
+@click.option("--lr", type=float, default=None, help="Learning rate training resumes with (lookahead needs it).")
+@click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
+@click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
@@ -68,14 +73,15 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          tangent, batch_size, seed, device, loss, force, as_json, quiet) -> None:
+          objective, lr, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, as_json, quiet) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, tangent=tangent, batch_size=batch_size,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, objective=objective, lr=lr, lookahead_steps=lookahead_steps, probes=probes,
+            tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
         with progress_events(not quiet) as on_event:
