@@ -80,9 +80,21 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         raise OutputError(f"output folder {parent} is not writable", hint="choose another -o or fix the permissions")
     return out
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, not guessed: os.access says yes to
+    root also on read-only file systems)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def fsync_path(path: Path) -> None:
