@@ -19,15 +19,17 @@ from torch import nn
 from . import __version__
 from .bases import LayerBasis, layer_basis
 from .capture import capture_grams
-from .checkpoint import check_output_path, load_checkpoint, save_checkpoint
+from .formats import check_output_for, read_checkpoint, write_checkpoint
 from .config import TeleportConfig
 from .data import TensorData, as_tensor_data, load_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
 from .models import load_strict, model_from_metadata, resolve_device
 from .objectives import LOSS_FUNCTIONS, make_objective
+from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
 from .teleport import ascend, relative_changes
+from .training_state import FileOptions, assemble, model_state, moved_stored, plan
 from .verify import compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
@@ -181,6 +183,7 @@ class ApplyResult:
     seconds: float
     arch: str
     source: str
+    files: dict | None = None  # container, which weights moved, EMA/optimizer, storage-dtype check
 
     def to_dict(self) -> dict:
         """The JSON document of ``teleport apply --json``."""
@@ -220,6 +223,7 @@ class ApplyResult:
             "holdout": set_dict(v.holdout),
             "holdout_source": "split" if o.holdout_indices is not None else "file",
             "layers": [l.to_dict() for l in o.layers],
+            **({"checkpoint": self.files} if self.files is not None else {}),
         }
 
 
@@ -238,8 +242,15 @@ def apply(
     holdout: str | Path | None = None,
     force: bool = False,
     on_event: Progress | None = None,
+    files: FileOptions | None = None,
+    model: nn.Module | None = None,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
+
+    The output is written in the input's container (see :mod:`teleport_cli.formats`); ``files``
+    chooses the weights to move and what happens to EMA weights and optimizer state
+    (:mod:`teleport_cli.training_state`). ``model``: an instance of the architecture, for
+    checkpoints whose metadata does not name one (its weights are replaced by the checkpoint's).
 
     Raises:
         InputError (exit 3): unreadable or unfit inputs.
@@ -249,12 +260,17 @@ def apply(
     """
     start = time.perf_counter()
     config = config or TeleportConfig()
-    ckpt = load_checkpoint(checkpoint)
-    model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
-    load_strict(model, ckpt.state_dict, str(checkpoint))
+    files = files or FileOptions()
+    ckpt = read_checkpoint(checkpoint, trust_pickle=files.trust_pickle)
+    weights = plan(ckpt, files)
+    if model is None:
+        model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
+    else:
+        arch, kwargs = ckpt.metadata.get("arch", type(model).__name__), json.loads(ckpt.metadata.get("model_kwargs", "{}"))
+    load_strict(model, model_state(weights, model), str(checkpoint))
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
-    out = check_output_path(output, [checkpoint, data, holdout], force)
+    out = check_output_for(ckpt, output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
@@ -273,6 +289,12 @@ def apply(
             hint="raise --tau, lower --step-size or --steps, or use a larger calibration set",
             result=result,
         )
+    moved = {f"{layer.name}.weight" for layer in outcome.layers if layer.teleported}
+    sets, entries, actions = assemble(weights, {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}, moved)
+    storage = verify_storage(model, outcome.model, moved_stored(weights, sets, moved), cal, hold, config, outcome.verification.noise_floor)
+    result.files = {**actions, "storage": storage}
+    if not storage["passed"]:
+        raise storage_failure(storage, result)
     metadata = dict(ckpt.metadata)
     metadata.update(
         {
@@ -291,11 +313,11 @@ def apply(
             "source_file": Path(checkpoint).name,
             "source_sha256": ckpt.sha256,
             "versions": json.dumps(_versions()),
+            "checkpoint": json.dumps(result.files),
         }
     )
     metadata.setdefault("data_config", json.dumps({}))
-    state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
-    save_checkpoint(out, state, metadata)
+    write_checkpoint(ckpt, out, sets, entries, metadata)
     result.output = str(out)
     result.seconds = time.perf_counter() - start
     return result

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..config import DEVICES, LOSSES, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
+from ..training_state import WEIGHT_CHOICES, FileOptions
 from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
 
 D = TeleportConfig()
@@ -48,9 +49,9 @@ def _layer_table(layers: list[dict]) -> Table:
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration set (.safetensors with 'inputs' and 'targets').")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.safetensors); never an input.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint, same container as the input (file or folder); never an input.")
 @click.option("--holdout", type=click.Path(dir_okay=False), default=None, help="Held-out set; default: a seeded 20% of --data.")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--steps", type=int, default=D.steps, show_default=True, help="Maximum accepted ascent steps.")
@@ -69,11 +70,16 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=D.loss, show_default=True, help="Loss that defines the level set.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--force", is_flag=True, help="Replace an existing output file or folder (atomically).")
+@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default="state_dict", show_default=True, help="Which weights of a training checkpoint to teleport.")
+@click.option("--keep-ema", is_flag=True, help="Leave EMA weights untouched (default: re-seed them with the teleported weights).")
+@click.option("--keep-optimizer-state", is_flag=True, help="Keep the optimizer state (default: drop it, it describes the old weights).")
+@click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          objective, lr, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, as_json, quiet) -> None:
+          objective, lr, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
+          keep_optimizer_state, trust_pickle, as_json, quiet) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
@@ -84,8 +90,9 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
             tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
+        files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
         with progress_events(not quiet) as on_event:
-            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event)
+            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
             _render(e.result.to_dict(), as_json, quiet)
@@ -105,9 +112,31 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
             f"(×{doc['grad_norm_ratio']:.3g}) in {doc['steps_accepted']} steps ({doc['stop_reason']}), {doc['seconds']:.1f} s",
             highlight=False,
         )
+        _checkpoint_notes(err, doc.get("checkpoint"))
         if doc["output"]:
             err.print(f"wrote {doc['output']}", highlight=False)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif doc["output"]:
         click.echo(doc["output"])
+
+
+def _checkpoint_notes(err, info: dict | None) -> None:
+    """Which weights moved, what became of EMA and optimizer state, the storage-dtype check."""
+    if not info:
+        return
+    err.print(f"{info['container']} checkpoint: teleported {info['weights_moved']}", highlight=False)
+    for key in ("ema", "optimizer"):
+        if info[key] != "none":
+            err.print(f"  {key}: {info[key]}", highlight=False)
+    st = info["storage"]
+    if st.get("cast"):
+        for name in ("calibration", "holdout"):
+            c = st[name]
+            err.print(
+                f"  after casting back to {'/'.join(st['dtypes'])}: {name} loss {c['loss_after_cast']:.6f} "
+                f"(drift {c['relative_loss_drift']:.2e}, max |Δlogit| {c['max_abs_logit_diff']:.3g}; "
+                f"rounding floor {c['rounding_floor_loss']:.2e}, {c['rounding_floor_max_abs_logit_diff']:.3g}) "
+                + ("pass" if c["passed"] else "FAIL"),
+                highlight=False,
+            )
