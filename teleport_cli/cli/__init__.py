@@ -31,6 +31,10 @@ from .apply import apply  # noqa: E402
 
 cli.add_command(apply)
 
+from .report import report  # noqa: E402
+
+cli.add_command(report)
+
 
 def main() -> None:
     """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""
