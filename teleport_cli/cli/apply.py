@@ -66,8 +66,9 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          batch_size, seed, device, loss, force, as_json, quiet) -> None:
+          batch_size, seed, device, loss, force, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
@@ -77,15 +78,40 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
+        inputs = [checkpoint, data, holdout, output]
+        if report_out is not None:
+            from ..report_html import check_html_path  # matplotlib: imported only when a page is asked for
+
+            check_html_path(report_out, inputs)
         with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
-            _render(e.result.to_dict(), as_json, quiet)
+            doc = e.result.to_dict()
+            try:
+                doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs)
+            except TeleportError as e2:
+                fail(e2)
+            _render(doc, as_json, quiet)
         fail(e)
     except TeleportError as e:
         fail(e)
-    _render(result.to_dict(), as_json, quiet)
+    doc = result.to_dict()
+    try:
+        doc["report"] = _write_report(report_out, result, data, holdout, config, inputs)
+    except TeleportError as e:
+        fail(e)
+    _render(doc, as_json, quiet)
+
+
+def _write_report(path, result, data, holdout, config, inputs) -> str | None:
+    """The `teleport report` page of this teleport (source vs teleported model), or None without --report."""
+    if path is None:
+        return None
+    from ..report import report_for_apply
+    from ..report_html import render, write_html
+
+    return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
 
 
 def _render(doc: dict, as_json: bool, quiet: bool) -> None:
@@ -100,6 +126,8 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
         )
         if doc["output"]:
             err.print(f"wrote {doc['output']}", highlight=False)
+        if doc.get("report"):
+            err.print(f"wrote {doc['report']}", highlight=False)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif doc["output"]:
