@@ -22,22 +22,27 @@ def _f(v, spec=".4g") -> str:
 
 
 def datasets_table(doc: dict) -> Table:
-    t = Table(title="teleport report: A vs B", title_justify="left")
-    for col in ("data set", "loss A", "loss B", "B − A", "drift", "tol", "acc A", "acc B", "max |Δlogit|", "mean |Δlogit|", "gate"):
-        t.add_column(col, justify="left" if col == "data set" else "right", no_wrap=True)
-    for name, c in doc["datasets"].items():
-        t.add_row(f"{name} ({c['samples']})", f"{c['loss_a']:.6f}", f"{c['loss_b']:.6f}", f"{c['loss_diff']:+.2e}",
-                  _f(c["relative_loss_drift"], ".2e"), f"{c['tolerance']:g}", f"{c['accuracy_a']:.3f}", f"{c['accuracy_b']:.3f}",
-                  f"{c['max_abs_logit_diff']:.3g}", f"{c['mean_abs_logit_diff']:.3g}", "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    sets = doc["datasets"]
+    t = Table(title="teleport report: B against A", title_justify="left")
+    t.add_column("")
+    for name in sets:
+        t.add_column(name, justify="right")
+    rows = [("samples", "samples", "d"), ("loss A", "loss_a", ".6f"), ("loss B", "loss_b", ".6f"), ("loss B − A", "loss_diff", "+.3e"),
+            ("relative drift", "relative_loss_drift", ".3e"), ("tolerance", "tolerance", "g"), ("accuracy A", "accuracy_a", ".4f"),
+            ("accuracy B", "accuracy_b", ".4f"), ("accuracy B − A", "accuracy_diff", "+.4f"), ("max |Δlogit|", "max_abs_logit_diff", ".3g"),
+            ("mean |Δlogit|", "mean_abs_logit_diff", ".3g")]
+    for label, key, spec in rows:
+        t.add_row(label, *[_f(c[key], spec) for c in sets.values()])
+    t.add_row("gate", *["[green]pass[/]" if c["passed"] else "[red]FAIL[/]" for c in sets.values()])
     return t
 
 
 def layers_table(doc: dict) -> Table:
     two = doc["b"] is not None
     t = Table(title="layers (null space of A on the calibration set)", title_justify="left")
-    cols = ["layer", "kind", "d_in", "rank", f"null dim @ tau {doc['settings']['tau']:g}"] + (["output drift", "ΔW/W"] if two else []) + [""]
+    cols = ["layer", "kind", "d_in", "rank", f"null dim @ tau {doc['settings']['tau']:g}"] + (["output drift", "ΔW/W"] if two else []) + ["note"]
     for col in cols:
-        t.add_column(col, justify="left" if col in ("layer", "kind", "") else "right")
+        t.add_column(col, justify="left" if col in ("layer", "kind", "note") else "right")
     for l in doc["layers"]:
         row = [l["name"], l["kind"], _f(l["d_in"], "d"), _f(l["rank"], "d"), _f(l["null_dim"], "d")]
         if two:
