@@ -33,6 +33,10 @@ from .bench import bench  # noqa: E402
 cli.add_command(apply)
 cli.add_command(bench)
 
+from .report import report  # noqa: E402
+
+cli.add_command(report)
+
 
 def main() -> None:
     """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""

@@ -77,9 +77,10 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
           objective, lr, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
-          keep_optimizer_state, trust_pickle, as_json, quiet) -> None:
+          keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
@@ -91,15 +92,40 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
             seed=seed, device=device, loss=loss,
         )
         files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
+        inputs = [checkpoint, data, holdout, output]
+        if report_out is not None:
+            from ..report_html import check_html_path  # matplotlib: imported only when a page is asked for
+
+            check_html_path(report_out, inputs)
         with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
-            _render(e.result.to_dict(), as_json, quiet)
+            doc = e.result.to_dict()
+            try:
+                doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs)
+            except TeleportError as e2:
+                fail(e2)
+            _render(doc, as_json, quiet)
         fail(e)
     except TeleportError as e:
         fail(e)
-    _render(result.to_dict(), as_json, quiet)
+    doc = result.to_dict()
+    try:
+        doc["report"] = _write_report(report_out, result, data, holdout, config, inputs)
+    except TeleportError as e:
+        fail(e)
+    _render(doc, as_json, quiet)
+
+
+def _write_report(path, result, data, holdout, config, inputs) -> str | None:
+    """The `teleport report` page of this teleport (source vs teleported model), or None without --report."""
+    if path is None:
+        return None
+    from ..report import report_for_apply
+    from ..report_html import render, write_html
+
+    return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
 
 
 def _render(doc: dict, as_json: bool, quiet: bool) -> None:
@@ -115,6 +141,8 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
         _checkpoint_notes(err, doc.get("checkpoint"))
         if doc["output"]:
             err.print(f"wrote {doc['output']}", highlight=False)
+        if doc.get("report"):
+            err.print(f"wrote {doc['report']}", highlight=False)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif doc["output"]:
