@@ -26,7 +26,8 @@ from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
 from .models import load_strict, model_from_metadata, resolve_device
 from .objectives import LOSS_FUNCTIONS
-from .records import LayerSummary, TeleportStats, Verification
+from .records import TeleportStats, Verification
+from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
 from .verify import compare, noise_floor
 
@@ -61,30 +62,6 @@ class TeleportOutcome:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def _summaries(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...]:
-    out = []
-    for spec, _ in layers:
-        acc = accs[spec.name]
-        basis = bases.get(spec.name)
-        reason = ""
-        if acc.calls == 0:
-            reason = "never called on the calibration set (dead branch)"
-        elif not acc.plain:
-            reason = f"output is not F.linear/F.conv2d of its input and weight (relative error {acc.plain_error:.2g})"
-        elif basis is not None and basis.null_dim == 0:
-            reason = "null space is empty at this tau"
-        out.append(
-            LayerSummary(
-                spec.name, spec.kind, spec.d_in, spec.d_out, spec.groups, acc.rows,
-                basis.rank if basis else 0, basis.null_dim if basis else 0,
-                not reason, reason, changes.get(spec.name, 0.0),
-            )
-        )
-    for ex in excluded:
-        out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
-    return tuple(out)
 
 
 def teleport(
@@ -152,7 +129,7 @@ def teleport(
             event("teleport", step, config.steps)
 
         stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, on_step=stepped)
-        changes = relative_changes(moved, model, [s.name for s, _ in layers])
+        changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2)
