@@ -148,13 +148,13 @@ def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], li
 
     layers: list[tuple[LayerSpec, nn.Module]] = []
     excluded: list[Excluded] = []
-    inside_attention: set[int] = set()
+    skip: set[int] = set()
     for name, module in model.named_modules():
-        if id(module) in inside_attention:
+        if id(module) in skip:
             continue
         att = attention_specs(name, module)
         if att is not None:
-            inside_attention |= {id(m) for m in module.modules()}
+            skip |= {id(m) for m in module.modules()}
             for spec, problem in att:
                 p = module.get_parameter(spec.param)
                 reason = problem or _exclusion(module, p, tied(module, p) if spec.param != "out_proj.weight" else tied(module.out_proj, p))
@@ -168,6 +168,8 @@ def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], li
             if any(p is not None for p in module._parameters.values()):
                 excluded.append(Excluded(name, *_other_reason(module)))
             continue
+        if parametrize.is_parametrized(module):  # its ParametrizationList holds the stored tensors
+            skip |= {id(m) for m in module.parametrizations.modules()}
         if parametrize.is_parametrized(module, "weight"):
             excluded.append(Excluded(name, kind, "weight is parametrized (weight_norm or torch.nn.utils.parametrize): the stored tensors are not the weight"))
             continue
