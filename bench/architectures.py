@@ -24,6 +24,7 @@ import timm
 import torch
 
 from teleport_cli import TeleportConfig, teleport
+from teleport_cli.layers import find_layers
 
 SIZE = 32
 CLASSES = 3
@@ -45,6 +46,9 @@ class SweepRow:
     stop: str = ""
     error: str = ""
     seconds: float = 0.0
+    verified: bool = False
+    changed_keys: tuple[str, ...] = ()  # state-dict entries that differ bitwise from the original
+    allowed_keys: tuple[str, ...] = ()  # weights of the layers allowed to move
 
     @property
     def logits_kept(self) -> bool:
@@ -86,6 +90,11 @@ def sweep_one(arch: str, seed: int = 0) -> SweepRow:
             row.excluded[l.reason.split(":")[0].split(" (")[0]] += 1
     row.moved = max((l.rel_weight_change for l in moving), default=0.0)
     row.steps, row.stop = out.stats.steps_accepted, out.stats.stop_reason
+    row.verified = out.verified
+    keys = {spec.name: spec.weight_key for spec, _ in find_layers(model)[0]}
+    row.allowed_keys = tuple(keys[l.name] for l in moving)
+    new = out.model.state_dict()
+    row.changed_keys = tuple(k for k, v in model.state_dict().items() if not torch.equal(v, new[k]))
     row.seconds = time.perf_counter() - start
     return row
 
