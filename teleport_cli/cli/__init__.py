@@ -28,8 +28,10 @@ def cli() -> None:
 
 
 from .apply import apply  # noqa: E402
+from .inspect import inspect  # noqa: E402
 
 cli.add_command(apply)
+cli.add_command(inspect)
 
 
 def main() -> None:
