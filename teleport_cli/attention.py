@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import LayerSpec, token_rows
+
 MHA_ARGS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]  # query, key, value, ...
 
 
@@ -40,8 +42,6 @@ def attention_specs(name: str, module: nn.Module) -> list | None:
         ``[(LayerSpec, problem)]``: ``problem`` is None, or why the weight must stay (a subclass
         that overrides ``forward`` cannot be checked and is never moved).
     """
-    from .layers import LayerSpec
-
     if not isinstance(module, nn.MultiheadAttention):
         return None
     e = module.embed_dim
@@ -85,7 +85,7 @@ def make_attention_hook(accs: dict, check_plain: Callable[[torch.Tensor, torch.T
     def add(acc, blocks: list[torch.Tensor]) -> None:
         rows = 0
         for i, x in enumerate(blocks):
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            x = token_rows(x.detach()).to(torch.float64)
             acc.gram[i] += (x.T @ x).to(acc.gram.device)
             rows = max(rows, x.shape[0])
         acc.rows += rows
@@ -112,8 +112,8 @@ def make_attention_hook(accs: dict, check_plain: Callable[[torch.Tensor, torch.T
             busy[0] = False
         if acc.plain is None:
             y = output[0] if isinstance(output, tuple) else output
-            ref = F.linear(ctx, module.out_proj.weight, module.out_proj.bias)
-            acc.plain_error = check_plain(ref, y.detach())
+            ref = F.linear(token_rows(ctx), module.out_proj.weight, module.out_proj.bias)
+            acc.plain_error = check_plain(ref, token_rows(y.detach()))
             acc.plain = acc.plain_error <= acc.tolerance
         add(acc, [ctx])
 

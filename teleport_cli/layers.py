@@ -135,7 +135,7 @@ def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], li
     """
     from torch.nn.utils import parametrize
 
-    from .attention import attention_specs  # it builds LayerSpecs: imported here, not at the top
+    from .attention import attention_specs  # it imports this module: imported here, not at the top
 
     holders: dict[int, dict[int, str]] = {}  # parameter id -> {module id: module name}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -219,6 +219,14 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return xp.permute(order).reshape(-1, c * int(torch.tensor(module.kernel_size).prod()))
 
 
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., d)`` -> ``(rows, d)``; a nested tensor (``nn.TransformerEncoder`` with a padding
+    mask in eval mode) gives the rows of its components, without the padding."""
+    if t.is_nested:
+        return torch.cat([c.reshape(-1, c.shape[-1]) for c in t.unbind()])
+    return t.reshape(-1, t.shape[-1])
+
+
 def input_rows(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows of X for one batch of a Linear or Conv layer's input.
 
@@ -229,7 +237,7 @@ def input_rows(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Ten
         ``(groups, rows, d_in)`` in x's dtype.
     """
     if spec.kind == "linear":
-        return x.reshape(1, -1, spec.d_in)
+        return token_rows(x).unsqueeze(0)
     if x.dim() == len(module.kernel_size) + 1:  # unbatched input
         x = x.unsqueeze(0)
     rows = conv_patches(module, x).reshape(-1, spec.groups, spec.d_in)
@@ -244,7 +252,7 @@ def weight_blocks(spec: LayerSpec, weight: torch.Tensor) -> torch.Tensor:
 def reference_output(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the layer computes if it is a plain linear map of x with its stored weight and bias."""
     if spec.kind == "linear":
-        return F.linear(x, module.weight, module.bias)
+        return F.linear(token_rows(x) if x.is_nested else x, module.weight, module.bias)
     xp, padding = _conv_padded_input(module, x)
     conv = CONV_FUNCTIONS[spec.kind]
     return conv(xp, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)

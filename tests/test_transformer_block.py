@@ -71,3 +71,31 @@ def test_fast_path_and_hooked_path_agree_to_the_noise_floor():
     reference = layer.double()(x.double()).detach().float()  # grad enabled: the module-by-module path
     assert (slow - reference).abs().max() <= 1e-5 * reference.abs().max()
     assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:.*nested tensors.*:UserWarning")
+def test_encoder_with_padding_mask_nested_fast_path_is_captured_without_the_padding():
+    """In eval mode nn.TransformerEncoder packs padded batches into nested tensors."""
+    from teleport_cli.capture import capture_grams
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+            mask[:, 3:] = True  # the last two of five tokens are padding
+            return self.head(self.enc(x, src_key_padding_mask=mask)[:, 0])
+
+    model = Padded().eval()
+    x = torch.randn(2, 5, 16)
+    layers, _ = find_layers(model)
+    accs = capture_grams(model, layers, [(x, None)])
+    assert all(a.calls == 1 and a.plain for a in accs.values()), {k: (a.calls, a.plain_error) for k, a in accs.items()}
+    tokens = x[:, :3].reshape(-1, 16).double()  # only the real tokens reach the first projection
+    assert accs["enc.layers.0.self_attn.in_proj"].rows == 6
+    for i in range(3):
+        assert torch.allclose(accs["enc.layers.0.self_attn.in_proj"].gram[i], tokens.T @ tokens, atol=1e-5)
+    assert accs["enc.layers.0.linear1"].rows == 6 and accs["head"].rows == 2
