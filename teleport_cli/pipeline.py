@@ -41,7 +41,8 @@ class TeleportOutcome:
 
     Attributes:
         model: the teleported copy of the model (eval mode, same device).
-        layers: one summary per Linear/Conv2d layer, teleported or not (with the reason).
+        layers: one summary per layer, teleported or not (with the reason), then every other
+            module that holds parameters (excluded, with the reason).
         stats: what the ascent loop did.
         verification: calibration and held-out checks against the original.
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
