@@ -50,6 +50,7 @@ class SweepRow:
     verified: bool = False
     changed_keys: tuple[str, ...] = ()  # state-dict entries that differ bitwise from the original
     allowed_keys: tuple[str, ...] = ()  # weights of the layers allowed to move
+    layer_rows: tuple = ()  # the LayerSummary of every layer
 
     @property
     def logits_kept(self) -> bool:
@@ -92,6 +93,7 @@ def sweep_one(arch: str, seed: int = 0) -> SweepRow:
     row.moved = max((l.rel_weight_change for l in moving), default=0.0)
     row.steps, row.stop = out.stats.steps_accepted, out.stats.stop_reason
     row.verified = out.verified
+    row.layer_rows = out.layers
     keys = {spec.name: spec.weight_key for spec, _ in find_layers(model)[0]}
     row.allowed_keys = tuple(keys[l.name] for l in moving)
     new = out.model.state_dict()

@@ -65,3 +65,12 @@ def test_batchnorm_running_statistics_are_bit_identical_after_a_teleport():
     assert any(n.endswith("running_mean") for n, _ in model.named_buffers())
     assert row.teleported and row.steps > 0
     assert not any("running" in k or "num_batches" in k for k in row.changed_keys)
+
+
+def test_timm_vit_fused_qkv_attention_projection_mlp_and_head_are_teleported():
+    rows = {l.name: l for l in _row("test_vit").layer_rows}
+    for name in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.attn.qkv", "head"):
+        assert rows[name].teleported and rows[name].kind == "linear", name
+        assert rows[name].rows == bench.SAMPLES * (1 if name == "head" else 5)  # 4 patches + class token
+        assert rows[name].rel_weight_change > 0, name
+    assert rows["blocks.0.attn.qkv"].d_out == 3 * rows["blocks.0.attn.qkv"].d_in

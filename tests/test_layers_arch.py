@@ -88,7 +88,7 @@ def test_conv1d_conv3d_gram_equals_brute_force_and_projected_move_keeps_outputs(
     assert (conv(x1) - before).abs().max() <= 1e-10 * before.abs().max()
 
 
-def manual_mha(mha, q_in, k_in, v_in):
+def manual_mha(mha, q_in, k_in, v_in, mask=None):
     """Batch-first multi-head attention from its definition, in float64: (context, output)."""
     e, h = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
@@ -98,7 +98,8 @@ def manual_mha(mha, q_in, k_in, v_in):
     bq, bk, bv = mha.in_proj_bias.double().chunk(3)
     q, k, v = q_in @ wq.T + bq, k_in @ wk.T + bk, v_in @ wv.T + bv
     split = lambda t: t.reshape(t.shape[0], t.shape[1], h, e // h).transpose(1, 2)
-    a = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (e // h) ** 0.5, -1)
+    scores = split(q) @ split(k).transpose(-1, -2) / (e // h) ** 0.5
+    a = torch.softmax(scores if mask is None else scores + mask, -1)
     ctx = (a @ split(v)).transpose(1, 2).reshape(q.shape[0], q.shape[1], e)
     return ctx, ctx @ mha.out_proj.weight.double().T + mha.out_proj.bias.double()
 
@@ -106,23 +107,26 @@ def manual_mha(mha, q_in, k_in, v_in):
 class Cross(nn.Module):
     """Cross-attention from a 'text' sequence to an 'image' sequence; the q, k, v inputs differ."""
 
-    def __init__(self, e=8, kdim=None, batch_first=True):
+    def __init__(self, e=8, kdim=None, batch_first=True, causal=False):
         super().__init__()
         self.attn = nn.MultiheadAttention(e, 2, kdim=kdim, vdim=kdim, batch_first=batch_first).double()
         self.batch_first = batch_first
+        self.causal = causal
 
     def forward(self, x):
         q, kv = x
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
-        out = self.attn(q, kv, kv, need_weights=False)[0]
+        mask = nn.Transformer.generate_square_subsequent_mask(q.shape[0 if not self.batch_first else 1], dtype=torch.float64) if self.causal else None
+        # the seq-first case also takes the need_weights=True path (explicit softmax, no SDPA)
+        out = self.attn(q, kv, kv, need_weights=not self.batch_first, attn_mask=mask, is_causal=self.causal)[0]
         return out if self.batch_first else out.transpose(0, 1)
 
 
-@pytest.mark.parametrize("mode", ["self", "cross", "cross-kdim", "self-seq-first"])
+@pytest.mark.parametrize("mode", ["self", "self-causal", "cross", "cross-kdim", "self-seq-first"])
 def test_multihead_attention_grams_and_invariance_after_projected_moves(mode):
     kdim = 6 if mode == "cross-kdim" else None
-    model = Cross(8, kdim, batch_first=mode != "self-seq-first")
+    model = Cross(8, kdim, batch_first=mode != "self-seq-first", causal=mode == "self-causal")
     q = torch.randn(1, 3, 8, dtype=torch.float64)  # 3 tokens < d_in = 8: exact null spaces
     kv = q if mode.startswith("self") else torch.randn(1, 2, kdim or 8, dtype=torch.float64)
     layers, excluded = find_layers(model)
@@ -133,7 +137,8 @@ def test_multihead_attention_grams_and_invariance_after_projected_moves(mode):
     accs = capture_grams(model, layers, [((q, kv), None)])
     assert all(a.calls == 1 and a.plain for a in accs.values())
     assert all(not m._forward_hooks for m in model.modules())
-    ctx, out = manual_mha(model.attn, q, kv, kv) if model.batch_first else manual_mha(model.attn, q, kv, kv)
+    causal = nn.Transformer.generate_square_subsequent_mask(3, dtype=torch.float64) if model.causal else None
+    ctx, out = manual_mha(model.attn, q, kv, kv, causal)
     assert torch.allclose(model((q, kv)), out, atol=1e-12)
     rows = {"q": q[0], "k": kv[0], "v": kv[0], "out": ctx[0]}
     if kdim:
@@ -160,7 +165,7 @@ def test_multihead_attention_grams_and_invariance_after_projected_moves(mode):
     assert (after - before).abs().max() <= 1e-10 * before.abs().max()
     # off the calibration set the function did change: the weights really moved
     other = (torch.randn_like(q), torch.randn_like(kv))
-    fresh = Cross(8, kdim, batch_first=mode != "self-seq-first")
+    fresh = Cross(8, kdim, batch_first=mode != "self-seq-first", causal=model.causal)
     fresh.load_state_dict(original)
     assert (model(other) - fresh(other)).abs().max() > 1e-3 * fresh(other).abs().max()
 
@@ -218,3 +223,21 @@ def test_non_plain_subclasses_parametrized_dead_and_non_layer_modules_are_exclud
     assert rows["emb"].kind == "embedding" and "embedding" in rows["emb"].reason
     assert rows["dead"].reason == DEAD and rows["dead"].rank == 0 and rows["head"].teleported
     assert set(rows) == {"std", "same", "wn", "old_wn", "conv1x1", "bn", "emb", "dead", "head"}
+
+
+def test_head_tied_to_an_embedding_is_excluded():
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 11, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.head(torch.relu(self.mix(self.emb(t))))
+
+    layers, excluded = find_layers(TinyLM())
+    assert [s.name for s, _ in layers] == ["mix"]
+    reasons = {e.name: e.reason for e in excluded}
+    assert reasons["head"] == "weight is tied to emb" and reasons["emb"].startswith("embedding")
