@@ -104,14 +104,14 @@ def sweep_one(arch: str, seed: int = 0) -> SweepRow:
 
 def table(rows: list[SweepRow]) -> str:
     lines = [
-        "| architecture | result | layers teleported | excluded (count: reason) | max \\|Δlogit\\| / max \\|logit\\| | max ΔW/W | steps |",
+        "| architecture | result | layers teleported (moved) / all | excluded (count: reason) | max \\|Δlogit\\| / max \\|logit\\| | max ΔW/W | steps |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         result = "teleported" if r.teleported else ("refused: " + (r.error or ("logits changed" if not r.logits_kept else "no step")))
         ex = "; ".join(f"{n}: {why}" for why, n in sorted(r.excluded.items(), key=lambda t: -t[1])) or "none"
         lines.append(
-            f"| `{r.arch}` | {result} | {r.teleported_layers} / {r.layers} | {ex} | "
+            f"| `{r.arch}` | {result} | {r.teleported_layers} ({sum(l.rel_weight_change > 0 for l in r.layer_rows)}) / {r.layers} | {ex} | "
             f"{r.max_logit_diff / max(r.max_logit, 1e-30):.1e} | {r.moved:.3g} | {r.steps} ({r.stop}) |"
         )
     return "\n".join(lines)
@@ -224,6 +224,9 @@ samples (so that layers have exact null spaces: rows are samples x positions or 
 {steps} steps of relative size {step_size}. Teleported means: weights moved AND max |logit
 difference| <= 1e-4 x max |logit| on the calibration set (float32).
 **{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s in all on one CPU thread.
+"teleported" layers are those allowed to move (null space not empty); "moved" counts those
+whose weight changed (with exact null spaces a layer whose inputs, outputs and gradient stay
+fixed, such as a stem whose upstream has no parameters, gets no ascent direction).
 "excluded" counts every module with parameters that does not move, by reason.
 Regenerate with `PYTHONPATH=. python bench/architectures.py`; `tests/test_architectures.py`
 runs the same sweep.
