@@ -226,7 +226,10 @@ difference| <= 1e-4 x max |logit| on the calibration set (float32).
 **{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s in all on one CPU thread.
 "teleported" layers are those allowed to move (null space not empty); "moved" counts those
 whose weight changed (with exact null spaces a layer whose inputs, outputs and gradient stay
-fixed, such as a stem whose upstream has no parameters, gets no ascent direction).
+fixed, such as a stem whose upstream has no parameters, gets no ascent direction; and timm
+initialises the last layer of each residual branch to zero (`zero_init_last`), so at random
+init the squeeze-excitation layers after it in `test_byobnet` and `test_nfnet` see all-zero
+inputs: rank 0, every direction null, and a zero gradient).
 "excluded" counts every module with parameters that does not move, by reason.
 Regenerate with `PYTHONPATH=. python bench/architectures.py`; `tests/test_architectures.py`
 runs the same sweep.
