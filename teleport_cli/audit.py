@@ -147,6 +147,17 @@ def compare_set(a: nn.Module, b: nn.Module, batches: Batches, loss_fn: Callable,
 
 
 @torch.no_grad()
+def _excluded_change(a: nn.Module, b: nn.Module, name: str) -> float | None:
+    """Relative change of an excluded module's weight (or of a bare parameter), None if it has none."""
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    key = name if name in params_a else f"{name}.weight"
+    if key not in params_a or key not in params_b:
+        return None
+    w0, w1 = params_a[key].detach().double(), params_b[key].detach().double()
+    denom = float(w0.norm())
+    return float((w1 - w0).norm()) / denom if denom > 0 else 0.0
+
+
 def output_drift(a: nn.Module, b: nn.Module, names: list[str], batches: Batches) -> dict[str, float]:
     """``||Z_B - Z_A||_F / ||Z_A||_F`` of each named module's output over all batches.
 
@@ -158,11 +169,15 @@ def output_drift(a: nn.Module, b: nn.Module, names: list[str], batches: Batches)
     num = {k: 0.0 for k in names}
     den = {k: 0.0 for k in names}
 
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
+
     def keep(name):
-        return lambda m, args, out: held.__setitem__(name, out.detach())
+        return lambda m, args, out: held.__setitem__(name, first(out).detach())
 
     def diff(name):
         def hook(m, args, out):
+            out = first(out)
             ref = held.pop(name).double()
             num[name] += float(((out.detach().double() - ref) ** 2).sum())
             den[name] += float((ref**2).sum())
@@ -224,9 +239,12 @@ def audit_models(
     layers, excluded = find_layers(a)
     accs = capture_grams(a, layers, cal)
     bases = {sp.name: layer_basis(sp.name, accs[sp.name].gram, s.tau) for sp, _ in layers if accs[sp.name].calls > 0}
-    names = [sp.name for sp, _ in layers] + [ex.name for ex in excluded]
+    modules = dict(a.named_modules())
+    names = list(dict.fromkeys([sp.module_name or sp.name for sp, _ in layers] + [ex.name for ex in excluded if ex.name in modules]))
     drift = output_drift(a, b, names, cal) if b is not None else {}
-    change = relative_changes(b, a, names) if b is not None else {}
+    change = relative_changes(b, a, [sp for sp, _ in layers]) if b is not None else {}
+    if b is not None:
+        change.update({ex.name: _excluded_change(a, b, ex.name) for ex in excluded})
     rows = []
     for sp, _ in layers:
         basis = bases.get(sp.name)
@@ -235,7 +253,7 @@ def audit_models(
             note = "not a plain F.linear/F.conv2d of its input: apply leaves it alone"
         rows.append({"name": sp.name, "kind": sp.kind, "d_in": sp.d_in, "groups": sp.groups,
                      "rank": basis.rank if basis else None, "null_dim": basis.null_dim if basis else None,
-                     "output_drift": _finite(drift.get(sp.name)), "rel_weight_change": _finite(change.get(sp.name)), "note": note})
+                     "output_drift": _finite(drift.get(sp.module_name or sp.name)), "rel_weight_change": _finite(change.get(sp.name)), "note": note})
     for ex in excluded:
         rows.append({"name": ex.name, "kind": ex.kind, "d_in": None, "groups": None, "rank": None, "null_dim": None,
                      "output_drift": _finite(drift.get(ex.name)), "rel_weight_change": _finite(change.get(ex.name)), "note": ex.reason})

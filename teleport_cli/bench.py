@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import TeleportConfig
 from .data import TensorData
+from .layers import find_layers, weight_blocks
 from .levelset import levelset_teleport
 from .objectives import LOSS_FUNCTIONS
 from .pipeline import teleport
@@ -152,18 +153,19 @@ def random_null_move(original: nn.Module, teleported: nn.Module, outcome, seed: 
     """A random move in the same null spaces with each layer's displacement norm of the teleport."""
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(original)
-    old, new, mods = dict(original.named_modules()), dict(teleported.named_modules()), dict(model.named_modules())
-    spec = {l.name: l for l in outcome.layers}
+    layers, _ = find_layers(original)
     with torch.no_grad():
-        for name, basis in outcome.bases.items():
-            w0, w1 = old[name].weight, new[name].weight
+        for spec, _ in layers:
+            basis = outcome.bases.get(spec.name)
+            if basis is None:
+                continue
+            w0, w1 = original.get_parameter(spec.weight_key), teleported.get_parameter(spec.weight_key)
             norm = float((w1 - w0).norm())
             if norm == 0.0:
                 continue
-            s = spec[name]
             r = torch.randn(w0.shape, generator=g).to(w0)
-            p = basis.project(r.reshape(s.groups, s.d_out, s.d_in)).reshape(w0.shape)
-            mods[name].weight.copy_(w0 + p * (norm / float(p.norm())))
+            p = basis.project(weight_blocks(spec, r)).reshape(w0.shape)
+            model.get_parameter(spec.weight_key).copy_(w0 + p * (norm / float(p.norm())))
     return model
 
 

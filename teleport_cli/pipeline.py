@@ -28,6 +28,7 @@ from .models import load_strict, model_from_metadata, resolve_device
 from .objectives import LOSS_FUNCTIONS, make_objective
 from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
+from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
 from .training_state import FileOptions, assemble, model_state, moved_stored, plan
 from .verify import compare, noise_floor
@@ -42,7 +43,8 @@ class TeleportOutcome:
 
     Attributes:
         model: the teleported copy of the model (eval mode, same device).
-        layers: one summary per Linear/Conv2d layer, teleported or not (with the reason).
+        layers: one summary per layer, teleported or not (with the reason), then every other
+            module that holds parameters (excluded, with the reason).
         stats: what the ascent loop did.
         verification: calibration and held-out checks against the original.
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
@@ -63,30 +65,6 @@ class TeleportOutcome:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def _summaries(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...]:
-    out = []
-    for spec, _ in layers:
-        acc = accs[spec.name]
-        basis = bases.get(spec.name)
-        reason = ""
-        if acc.calls == 0:
-            reason = "never called on the calibration set (dead branch)"
-        elif not acc.plain:
-            reason = f"output is not F.linear/F.conv2d of its input and weight (relative error {acc.plain_error:.2g})"
-        elif basis is not None and basis.null_dim == 0:
-            reason = "null space is empty at this tau"
-        out.append(
-            LayerSummary(
-                spec.name, spec.kind, spec.d_in, spec.d_out, spec.groups, acc.rows,
-                basis.rank if basis else 0, basis.null_dim if basis else 0,
-                not reason, reason, changes.get(spec.name, 0.0),
-            )
-        )
-    for ex in excluded:
-        out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
-    return tuple(out)
 
 
 def teleport(
@@ -155,7 +133,7 @@ def teleport(
 
         objective = make_objective(config.objective, lr=config.lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
         stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
-        changes = relative_changes(moved, model, [s.name for s, _ in layers])
+        changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2)

@@ -25,7 +25,9 @@ class LayerSummary:
 
     Attributes:
         name: qualified module name in the model (``fc1``, ``stages.0.conv``).
-        kind: ``linear`` or ``conv2d``.
+        kind: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``mha_in_proj``/``mha_out_proj``
+            (and ``mha_q_proj``... for separate weights), or for an excluded module ``norm``,
+            ``embedding`` or its lowercased class name.
         d_in: input dimension of one group's rows (``C_in/groups * kh * kw`` for a conv).
         d_out: output dimension of one group (``C_out/groups`` for a conv).
         groups: number of independent weight blocks (conv groups; 1 for Linear).

@@ -24,7 +24,7 @@ from torch import nn
 
 from .bases import LayerBasis
 from .config import TeleportConfig
-from .layers import LayerSpec, weight_blocks
+from .layers import LayerSpec, layer_weight, weight_blocks
 from .objectives import Batches, GradientState, GradNormObjective, full_gradient
 from .records import StepRecord, TeleportStats
 
@@ -98,7 +98,7 @@ def ascend(
     objective = objective or GradNormObjective()
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
-    wrt = [module.weight for _, module in moving]
+    wrt = [layer_weight(spec, module) for spec, module in moving]
     n = sum(int(x.shape[0]) for x, _ in batches)
 
     state = full_gradient(model, batches, loss_fn, params, n)
@@ -168,13 +168,12 @@ def ascend(
     )
 
 
-def relative_changes(model: nn.Module, original: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - W0||_F / ||W0||_F`` for each named layer of two models of the same architecture."""
-    new = dict(model.named_modules())
-    old = dict(original.named_modules())
+def relative_changes(model: nn.Module, original: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:
+    """``||W - W0||_F / ||W0||_F`` for each layer of two models of the same architecture (by spec name)."""
     out = {}
-    for name in names:
-        w, w0 = new[name].weight.detach().double(), old[name].weight.detach().double()
+    for spec in specs:
+        w = model.get_parameter(spec.weight_key).detach().double()
+        w0 = original.get_parameter(spec.weight_key).detach().double()
         denom = float(w0.norm())
-        out[name] = float((w - w0).norm()) / denom if denom > 0 else 0.0
+        out[spec.name] = float((w - w0).norm()) / denom if denom > 0 else 0.0
     return out
