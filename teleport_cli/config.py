@@ -49,7 +49,8 @@ class TeleportConfig:
             (minimise the loss after ``lookahead_steps`` virtual SGD steps at ``lr``) or
             ``trace`` (minimise Hutchinson's estimate of tr(H) with ``probes`` probes).
         lr: learning rate training resumes with (needed by ``lookahead``; with it the result
-            is also checked against the SGD stability edge 2/lr).
+            is also checked against the SGD stability edge 2 (1 + momentum) / lr).
+        momentum: heavy-ball momentum training resumes with (for the stability edge).
     """
 
     tau: float = 0.99
@@ -68,6 +69,7 @@ class TeleportConfig:
     loss: str = "ce"
     objective: str = "grad-norm"
     lr: float | None = None
+    momentum: float = 0.0
     lookahead_steps: int = 1
     probes: int = 4
 
@@ -89,6 +91,7 @@ class TeleportConfig:
             (self.objective != "lookahead" or self.lr is not None, "--objective lookahead needs --lr",
              "pass the learning rate training resumes with"),
             (self.lr is None or self.lr > 0, "--lr must be > 0", None),
+            (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
             (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
             (self.probes >= 1, "--probes must be at least 1", None),
         ]

@@ -225,3 +225,33 @@ def measure(
     return Geometry(
         state.loss, state.grad_norm, sum(p.numel() for p in params), top, residual, used, trace, stderr, probes, sharp, radius
     )
+
+
+def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, iterations: int = 20, seed: int = 0) -> float:
+    """Largest Hessian eigenvalue of the loss over all ``batches`` (Lanczos on HVPs, all trainable parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = count_samples(batches)
+    gen = torch.Generator().manual_seed(seed)
+    start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
+    top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start, iterations=iterations)
+    return top
+
+
+def stability_check(before: float, after: float, lr: float, momentum: float = 0.0) -> dict:
+    """Compare top Hessian eigenvalues with the edge of stability of (heavy-ball) SGD, ``2 (1 + beta) / lr``.
+
+    Plain gradient descent on a quadratic diverges along an eigen-direction with eigenvalue
+    ``lambda > 2 / lr``; heavy-ball momentum beta moves the edge to ``2 (1 + beta) / lr``.
+    Adaptive optimizers (Adam) rescale per coordinate: this check does not cover them.
+    """
+    edge = 2.0 * (1.0 + momentum) / lr
+    return {
+        "lr": lr,
+        "momentum": momentum,
+        "edge": edge,
+        "top_eigenvalue_before": before,
+        "top_eigenvalue_after": after,
+        "unstable_after": bool(after > edge),
+        "crossed": bool(after > edge >= before),
+        "note": "the edge 2(1+momentum)/lr holds for SGD and heavy-ball momentum, not for adaptive optimizers such as Adam",
+    }

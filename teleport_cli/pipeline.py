@@ -49,6 +49,8 @@ class TeleportOutcome:
         verification: calibration and held-out checks against the original.
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
         calibration_sha256: hash of the calibration samples actually used.
+        stability: with ``config.lr``: top Hessian eigenvalues before and after against the
+            SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
     """
 
     model: nn.Module
@@ -58,6 +60,7 @@ class TeleportOutcome:
     verification: Verification
     holdout_indices: list[int] | None
     calibration_sha256: str
+    stability: dict | None = None
 
     @property
     def verified(self) -> bool:
@@ -139,6 +142,14 @@ def teleport(
         event("verify", 1, 2)
         check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2)
+        stable = None
+        if config.lr is not None:
+            from .geometry import stability_check, top_eigenvalue
+
+            event("stability", 0, 2)
+            tops = [top_eigenvalue(m, cal_batches, loss_fn, seed=config.seed) for m in (model, moved)]
+            stable = stability_check(tops[0], tops[1], config.lr, config.momentum)
+            event("stability", 2, 2)
         return TeleportOutcome(
             moved,
             _summaries(layers, excluded, accs, bases, changes),
@@ -147,6 +158,7 @@ def teleport(
             Verification(check_cal, check_hold, floor),
             indices,
             cal.sha256(),
+            stable,
         )
     finally:
         model.train(was_training)
@@ -197,6 +209,7 @@ class ApplyResult:
             "objective_before": o.stats.objective_before,
             "objective_after": o.stats.objective_after,
             "noise_floor": v.noise_floor,
+            "stability": o.stability,
             "calibration": set_dict(v.calibration),
             "holdout": set_dict(v.holdout),
             "holdout_source": "split" if o.holdout_indices is not None else "file",

@@ -83,3 +83,33 @@ def test_trace_score_and_gradient_match_explicit_hessian(tiny):
     est = TraceObjective(probes=p, seed=1).score(model, [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))],
                                                  cross_entropy_sum, params, state, 11)
     assert abs(est - exact) <= 4 * se
+
+
+def test_stability_guard_compares_explicit_top_eigenvalues_with_the_sgd_edge():
+    from teleport_cli import TeleportConfig, teleport
+
+    torch.manual_seed(4)
+    model = MLP(6, [5], 3)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    hx, hy = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    out = teleport(model, (x, y), TeleportConfig(tau=1.0, steps=3, step_size=0.05, lr=0.7, momentum=0.5, holdout_tolerance=10.0),
+                   holdout=(hx, hy))
+    st = out.stability
+
+    def top(m):
+        names = [n for n, _ in m.named_parameters()]
+        shapes = [p.shape for p in m.parameters()]
+        sizes = [p.numel() for p in m.parameters()]
+        m64 = MLP(6, [5], 3).double()
+
+        def loss(theta):
+            params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+            return F.cross_entropy(functional_call(m64, params, (x.double(),)), y)
+
+        theta = torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+        return torch.linalg.eigvalsh(hessian(loss)(theta))[-1].item()
+
+    assert st["edge"] == pytest.approx(2 * 1.5 / 0.7)
+    assert st["top_eigenvalue_before"] == pytest.approx(top(model), rel=1e-3)
+    assert st["top_eigenvalue_after"] == pytest.approx(top(out.model), rel=1e-3)
+    assert st["unstable_after"] == (st["top_eigenvalue_after"] > st["edge"])

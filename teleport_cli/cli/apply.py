@@ -63,6 +63,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
               help="grad-norm: raise 1/2||g||^2 (the paper's); lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; trace: lower Hutchinson's tr(H).")
 @click.option("--lr", type=float, default=None, help="Learning rate training resumes with (lookahead needs it).")
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="Heavy-ball momentum training resumes with (stability edge 2(1+momentum)/lr).")
 @click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
 @click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
@@ -79,7 +80,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          objective, lr, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
+          objective, lr, momentum, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
@@ -87,7 +88,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, objective=objective, lr=lr, lookahead_steps=lookahead_steps, probes=probes,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
             tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
@@ -139,6 +140,15 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
             highlight=False,
         )
         _checkpoint_notes(err, doc.get("checkpoint"))
+        st = doc.get("stability")
+        if st is not None:
+            line = (f"top Hessian eigenvalue {st['top_eigenvalue_before']:.4g} → {st['top_eigenvalue_after']:.4g}; "
+                    f"SGD edge 2(1+momentum)/lr = {st['edge']:.4g}")
+            if st["unstable_after"]:
+                err.print(f"[bold yellow]warning:[/] {line}: SGD at lr {st['lr']:g} is expected to diverge from the teleported weights "
+                          "(lower --lr, use --objective lookahead or trace, or fewer --steps)", highlight=False)
+            else:
+                err.print(line + " (stable)", highlight=False)
         if doc["output"]:
             err.print(f"wrote {doc['output']}", highlight=False)
         if doc.get("report"):
