@@ -238,7 +238,13 @@ def audit_models(
     _, floor = noise_floor(a, cal, loss_fn, calibration.source)
     layers, excluded = find_layers(a)
     accs = capture_grams(a, layers, cal)
-    bases = {sp.name: layer_basis(sp.name, accs[sp.name].gram, s.tau) for sp, _ in layers if accs[sp.name].calls > 0}
+    bases, failed = {}, {}
+    for sp, _ in layers:
+        if accs[sp.name].calls > 0:
+            try:
+                bases[sp.name] = layer_basis(sp.name, accs[sp.name].gram, s.tau)
+            except torch.linalg.LinAlgError as e:  # LAPACK gives up on some large rank-deficient Grams
+                failed[sp.name] = "Gram eigendecomposition failed: " + str(e).split(":")[0]
     modules = dict(a.named_modules())
     names = list(dict.fromkeys([sp.module_name or sp.name for sp, _ in layers] + [ex.name for ex in excluded if ex.name in modules]))
     drift = output_drift(a, b, names, cal) if b is not None else {}
@@ -248,7 +254,7 @@ def audit_models(
     rows = []
     for sp, _ in layers:
         basis = bases.get(sp.name)
-        note = "" if basis is not None else "never called on the calibration set"
+        note = "" if basis is not None else failed.get(sp.name, "never called on the calibration set")
         if basis is not None and not accs[sp.name].plain:
             note = "not a plain F.linear/F.conv2d of its input: apply leaves it alone"
         rows.append({"name": sp.name, "kind": sp.kind, "d_in": sp.d_in, "groups": sp.groups,

@@ -150,8 +150,10 @@ def render(audit: Audit) -> str:
                  f"{'<span class=fail>unstable</span>' if st[k]['unstable'] else '<span class=pass>stable</span>'}" for k in geo if st[k]["unstable"] is not None]
         parts.append(f"<h2>Stability (SGD lr {st['lr']:g}, momentum {st['momentum']:g})</h2><p>" + "<br>".join(lines) + f"</p><p>{html.escape(st['note'])}</p>")
     parts.append("<h2>Layers</h2>")
-    parts.append(_table(["layer", "kind", "d_in", "rank", f"null dim (tau {d['settings']['tau']:g})", "output drift", "ΔW/W", "note"],
-                        [[l["name"], l["kind"], l["d_in"], l["rank"], l["null_dim"], l["output_drift"], l["rel_weight_change"], l["note"]] for l in d["layers"]]))
+    moved = ["output drift", "ΔW/W"] if two else []
+    parts.append(_table(["layer", "kind", "d_in", "rank", f"null dim (tau {d['settings']['tau']:g})", *moved, "note"],
+                        [[l["name"], l["kind"], l["d_in"], l["rank"], l["null_dim"], *([l["output_drift"], l["rel_weight_change"]] if two else []), l["note"]]
+                         for l in d["layers"]]))
     parts.append("<h2>Plots</h2>")
     if two:
         parts.append(_figure("plot-drift", drift_plot(d["layers"]), "per-layer relative output drift and weight change"))

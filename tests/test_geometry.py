@@ -15,7 +15,11 @@ from teleport_cli.objectives import cross_entropy_sum
 
 
 class TinyAttention(nn.Module):
-    """One self-attention block through F.scaled_dot_product_attention, then a linear head."""
+    """One self-attention block through F.scaled_dot_product_attention, then a linear head.
+
+    On the CPU, SDPA picks its fused flash kernel, which has no double backward: without the
+    math backend that hessian_vector_product selects, these Hessian-vector products fail.
+    """
 
     def __init__(self, d=4, tokens=3, classes=3):
         super().__init__()

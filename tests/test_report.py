@@ -1,5 +1,6 @@
 """``teleport report`` end to end against brute-force float64 computations."""
 
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
-from teleport_cli.audit import ADAPTIVE_NOTE, stability
+from teleport_cli import audit as audit_mod
+from teleport_cli.audit import ADAPTIVE_NOTE, AuditSettings, audit_models, stability
+from teleport_cli.data import TensorData
 from teleport_cli.cli import cli
 from teleport_cli.models import MLP
 
@@ -180,3 +183,38 @@ def test_different_architectures_and_bad_paths_are_one_line_errors(tiny, samples
     assert r.exit_code == 2 and "hidden.0" in r.stderr
     r = run("report", mid, "--data", cal, "--lr", "0")
     assert r.exit_code == 2 and "--lr" in r.stderr
+
+
+def _conv_pair():
+    torch.manual_seed(2)
+    a = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(48, 3)).double().eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight += 0.05 * torch.randn_like(b[0].weight)
+    x = torch.randn(20, 2, 4, 4, dtype=torch.float64)
+    return a, b, TensorData(x, torch.randint(0, 3, (20,)))
+
+
+def test_conv_output_drift_and_a_failed_eigendecomposition_is_a_note(monkeypatch):
+    a, b, cal = _conv_pair()
+    audit = audit_models(a, b, cal, settings=AuditSettings(batch_size=7, iterations=3, probes=2))
+    rows = {l["name"]: l for l in audit.doc["layers"]}
+    with torch.no_grad():
+        za, zb = a[0](cal.inputs), b[0](cal.inputs)
+        ha, hb = a[:3](cal.inputs), b[:3](cal.inputs)
+        ya, yb = a[3](ha), b[3](hb)
+    assert rows["0"]["output_drift"] == pytest.approx(((zb - za).norm() / za.norm()).item(), rel=1e-9)
+    assert rows["3"]["output_drift"] == pytest.approx(((yb - ya).norm() / ya.norm()).item(), rel=1e-9)
+    assert rows["3"]["rel_weight_change"] == 0.0
+    real = audit_mod.layer_basis
+
+    def flaky(name, gram, tau):
+        if name == "3":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(name, gram, tau)
+
+    monkeypatch.setattr(audit_mod, "layer_basis", flaky)
+    audit = audit_models(a, b, cal, settings=AuditSettings(batch_size=7, iterations=3, probes=2))
+    rows = {l["name"]: l for l in audit.doc["layers"]}
+    assert rows["3"]["null_dim"] is None and "eigendecomposition failed" in rows["3"]["note"]
+    assert rows["0"]["null_dim"] is not None and audit.passed is not None
