@@ -138,12 +138,21 @@ def teleport(
             event("teleport", step, config.steps)
 
         lookahead_lr = config.lr
-        if config.objective == "lookahead" and lookahead_lr is None:
-            from .geometry import top_eigenvalue
+        if config.method != "nullspace":  # baselines: gradient-norm ascent on the level set without null spaces
+            from .levelset import levelset_teleport
 
-            lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, cal_batches, loss_fn, seed=config.seed)), 1e-12)
-        objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
-        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
+            if config.method == "symmetry":
+                from .symmetry import symmetry_teleport as move
+            else:
+                move = levelset_teleport
+            stats = move(moved, cal_batches, config, loss_fn, noise_floor=floor, on_step=stepped)
+        else:
+            if config.objective == "lookahead" and lookahead_lr is None:
+                from .geometry import top_eigenvalue
+
+                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, cal_batches, loss_fn, seed=config.seed)), 1e-12)
+            objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+            stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
         changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
@@ -167,7 +176,7 @@ def teleport(
             indices,
             cal.sha256(),
             stable,
-            lookahead_lr if config.objective == "lookahead" else None,
+            lookahead_lr if config.objective == "lookahead" and config.method == "nullspace" else None,
         )
     finally:
         model.train(was_training)

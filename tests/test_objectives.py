@@ -113,3 +113,32 @@ def test_stability_guard_compares_explicit_top_eigenvalues_with_the_sgd_edge():
     assert st["top_eigenvalue_before"] == pytest.approx(top(model), rel=1e-3)
     assert st["top_eigenvalue_after"] == pytest.approx(top(out.model), rel=1e-3)
     assert st["unstable_after"] == (st["top_eigenvalue_after"] > st["edge"])
+
+
+def test_levelset_baseline_moves_all_parameters_on_the_level_set(samples):
+    """Mishkin et al.'s level-set teleportation: gradient norm up, calibration loss kept, biases move too."""
+    from teleport_cli import TeleportConfig, teleport
+    from teleport_cli.checkpoint import load_checkpoint
+    from teleport_cli.data import load_tensor_data
+    from teleport_cli.models import load_strict, model_from_metadata
+
+    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
+    model, _, _ = model_from_metadata(ck.metadata, ck.path)
+    load_strict(model, ck.state_dict, ck.path)
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    out = teleport(model, cal, TeleportConfig(method="levelset", steps=5, holdout_tolerance=1.0), holdout=cal)
+    x64, y = cal.inputs.double(), cal.targets
+    m0, m1 = MLP(64, [128, 64], 10).double(), MLP(64, [128, 64], 10).double()
+    m0.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    m1.load_state_dict({k: v.double() for k, v in out.model.state_dict().items()})
+
+    def loss_and_gn(m):
+        loss = F.cross_entropy(m(x64), y)
+        gs = torch.autograd.grad(loss, list(m.parameters()))
+        return loss.item(), torch.sqrt(sum((t**2).sum() for t in gs)).item()
+
+    (l0, g0), (l1, g1) = loss_and_gn(m0), loss_and_gn(m1)
+    assert out.stats.steps_accepted == 5 and out.stats.objective == "levelset"
+    assert abs(l1 - l0) <= 5e-3 * l0 + 1e-6
+    assert g1 > 2 * g0
+    assert not torch.equal(model.head.bias, out.model.head.bias)

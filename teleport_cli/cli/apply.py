@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from ..config import DEVICES, LOSSES, OBJECTIVES, TeleportConfig
+from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from ..training_state import WEIGHT_CHOICES, FileOptions
 from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
@@ -60,6 +60,8 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tolerance", type=float, default=D.tolerance, show_default=True, help="Allowed relative calibration-loss drift.")
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
+@click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True,
+              help="nullspace: this tool; levelset / symmetry: baselines (gradient-norm ascent on the level set without null spaces).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
               help="lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; grad-norm: raise 1/2||g||^2 (the paper's); trace: lower Hutchinson's tr(H).")
 @click.option("--lr", type=float, default=None, help="SGD learning rate training resumes with: the look-ahead's virtual step (default 1/top Hessian eigenvalue) and the stability check.")
@@ -80,7 +82,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          objective, lr, momentum, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, tangent, batch_size, seed, device, loss, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
@@ -88,7 +90,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
             tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss,
         )
