@@ -97,7 +97,13 @@ def layer_basis(name: str, gram: torch.Tensor, tau: float) -> LayerBasis:
     rank = null_dim = 0
     for a in gram:
         a = 0.5 * (a + a.T)
-        s, v = torch.linalg.eigh(a)
+        try:
+            s, v = torch.linalg.eigh(a)
+        except torch.linalg.LinAlgError:
+            # LAPACK's eigh can fail to converge on low-rank Grams with many (near-)zero
+            # eigenvalues; for a symmetric PSD matrix the SVD gives the same eigenpairs.
+            u, s, _ = torch.linalg.svd(a)
+            s, v = s.flip(0), u.flip(1)
         mask, r = null_mask(s, tau)
         k = int(mask.sum())
         if k <= a.shape[0] - k:

@@ -19,6 +19,15 @@ from teleport_cli.pipeline import apply
 CFG = TeleportConfig(steps=3, device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Conv Grams of 864 x 864: one thread is faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(tmp_path, shape, n_cal, n_hold, classes=3):
     torch.manual_seed(1)
     x, y = torch.randn(n_cal + n_hold, *shape), torch.randint(0, classes, (n_cal + n_hold,))
