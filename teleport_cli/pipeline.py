@@ -262,7 +262,7 @@ def apply(
     if model is None:
         model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
     else:
-        arch, kwargs = ckpt.metadata.get("arch", type(model).__name__), json.loads(ckpt.metadata.get("model_kwargs", "{}"))
+        arch, kwargs = ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs")  # recorded only if the file named them
     load_strict(model, model_state(weights, model), str(checkpoint))
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
@@ -295,8 +295,7 @@ def apply(
     metadata.update(
         {
             "format": "pt",
-            "arch": arch,
-            "model_kwargs": json.dumps(kwargs),
+            **({"arch": arch, "model_kwargs": kwargs if isinstance(kwargs, str) else json.dumps(kwargs)} if arch else {}),
             "teleport": json.dumps(config.to_dict()),
             "teleport_stats": json.dumps(outcome.stats.to_dict()),
             "verification": json.dumps(outcome.verification.to_dict()),

@@ -11,21 +11,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from timm.models import save_for_hf
 from torch import nn
 
-from _ckpt import identical
+from _ckpt import identical, one_thread  # noqa: F401  (autouse fixture)
 from teleport_cli.config import TeleportConfig
 from teleport_cli.formats.single import write_safetensors
 from teleport_cli.pipeline import apply
 
 CFG = TeleportConfig(steps=3, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Conv Grams of 864 x 864: one thread is faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(tmp_path, shape, n_cal, n_hold, classes=3):
@@ -132,3 +123,29 @@ def test_tied_tensors_stay_tied_in_pickles_and_in_deduplicated_safetensors(tmp_p
     back = TiedNet()
     load_model(back, str(tmp_path / "out.safetensors"))
     assert back.b.weight is back.a.weight and torch.equal(back.a.weight, model.a.weight)
+
+
+def test_hf_folder_with_sharded_safetensors(tmp_path):
+    """A Hugging Face folder whose weights are sharded: config.json kept, shards rewritten."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1)
+    save_for_hf(model, tmp_path / "in", safe_serialization=True)
+    single = tmp_path / "in" / "model.safetensors"
+    sd = load_file(str(single))
+    single.unlink()
+    keys = list(sd)
+    weight_map = {k: ("model-00001-of-00002.safetensors" if i < len(keys) // 2 else "model-00002-of-00002.safetensors") for i, k in enumerate(keys)}
+    for f in set(weight_map.values()):
+        save_file({k: sd[k] for k in keys if weight_map[k] == f}, str(tmp_path / "in" / f))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (tmp_path / "in" / "model.safetensors.index.json").write_text(json.dumps(index))
+    cal, hold, x, y = _data(tmp_path, (1, 32, 32), 24, 16)
+    result = apply(tmp_path / "in", cal, tmp_path / "out", CFG, holdout=hold)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "model.safetensors.index.json", *set(weight_map.values())])
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == weight_map
+    after = {k: v for f in set(weight_map.values()) for k, v in load_file(str(out / f)).items()}
+    moved = {f"{l.name}.weight" for l in result.outcome.layers if l.teleported}
+    assert moved and all(identical(after[k], sd[k]) for k in sd if k not in moved)
+    fresh = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1)
+    assert _loss64(fresh, after, x, y) == pytest.approx(result.outcome.verification.calibration.loss_after, rel=1e-5)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run
+from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from teleport_cli.cli import cli
 from teleport_cli.errors import ConfigError
 from teleport_cli.training_state import FileOptions
@@ -41,6 +41,7 @@ def _training_checkpoint(path, **extra):
         "version": 2,
         "args": argparse.Namespace(model="mlp", num_classes=10, model_kwargs={"in_features": 64, "hidden": [128, 64]}, lr=0.05, epochs=150),
         "amp_scaler": dict(SCALER),
+        "scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1).state_dict(),
         "state_dict_ema": ema,
         "metric": 0.61,
         "saver": {"checkpoint_files": [], "best_epoch": 4, "best_metric": 0.6, "pending": (5, 0.61)},
@@ -58,7 +59,7 @@ def test_default_moves_state_dict_reseeds_ema_drops_optimizer_keeps_the_rest(tmp
     doc = json.loads(r.stdout)
     after = _load(out)
     assert list(after) == [k for k in before if k != "optimizer"] + ["teleport_metadata"]
-    for k in ("epoch", "arch", "version", "amp_scaler", "metric", "saver"):
+    for k in ("epoch", "arch", "version", "amp_scaler", "scheduler", "metric", "saver"):
         assert after[k] == before[k], k
     assert vars(after["args"]) == vars(before["args"])
     moved = {k for k in MOVABLE if not torch.equal(after["state_dict"][k], before["state_dict"][k])}
@@ -100,6 +101,10 @@ def test_keep_ema_and_keep_optimizer_state(tmp_path):
 def test_flag_conflicts_and_missing_ema(tmp_path):
     with pytest.raises(ConfigError):
         FileOptions(weights="ema", keep_ema=True)
+    src = tmp_path / "last.pth.tar"
+    _training_checkpoint(src)
+    r = CliRunner().invoke(cli, ["apply", str(src), "--data", str(CAL), "-o", str(tmp_path / "o.pth.tar"), "--weights", "ema", "--keep-ema"])
+    assert r.exit_code == 2 and "--keep-ema cannot be combined with --weights ema" in r.stderr
     r = CliRunner().invoke(cli, ["apply", str(CAL.parent / "mlp_digits_mid.safetensors"), "--data", str(CAL), "-o", str(tmp_path / "o.safetensors"), "--weights", "ema"])
     assert r.exit_code == 3 and "has no EMA weights" in r.stderr
 
