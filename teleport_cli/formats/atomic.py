@@ -165,7 +165,7 @@ def replace_folder(new: Path, out: Path) -> None:
     If renaming ``new`` in fails, the old folder is renamed back before the error propagates.
     """
     parent = out.parent if str(out.parent) else Path(".")
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.rename(new, out)
         fsync_path(parent)
         return
@@ -178,4 +178,7 @@ def replace_folder(new: Path, out: Path) -> None:
         os.rename(aside, out)
         raise
     fsync_path(parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_symlink():  # -o was a link: the link is replaced, the folder it named is left alone
+        os.unlink(aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
