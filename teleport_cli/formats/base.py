@@ -77,9 +77,6 @@ class WeightSet:
     def by_canonical(self) -> dict[str, torch.Tensor]:
         return {self.canonical[k]: t for k, t in self.tensors.items()}
 
-    def dtypes(self) -> list[str]:
-        return sorted({str(t.dtype).replace("torch.", "") for t in self.tensors.values()})
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -106,10 +103,6 @@ class LoadedCheckpoint:
     @property
     def ema_name(self) -> str | None:
         return next((n for n in self.weights if "ema" in n), None)
-
-    def describe(self) -> str:
-        sets = ", ".join(f"{n} ({len(w.tensors)} tensors, {'/'.join(w.dtypes())})" for n, w in self.weights.items())
-        return f"{self.container.kind} checkpoint with {sets}"
 
 
 def canonical_keys(keys: list[str]) -> dict[str, str]:
