@@ -94,7 +94,10 @@ def model_state(p: Plan, model: nn.Module) -> dict[str, torch.Tensor]:
     keys, tied = _model_keys(model)
     for name, ws in p.ckpt.weights.items():
         state, renames = align_to_model(ws.by_canonical(), keys)
-        p.key_maps[name] = {k: renames.get(c, c) for k, c in ws.canonical.items()}
+        kmap = {k: renames.get(c, c) for k, c in ws.canonical.items()}
+        if sum(k in keys for k in ws.tensors) > sum(m in keys for m in kmap.values()):
+            kmap = {k: k for k in ws.tensors}  # the model itself has a submodule named module/_orig_mod
+        p.key_maps[name] = kmap
     ws = p.ckpt.weights[p.source]
     state = {p.key_maps[p.source][k]: t for k, t in ws.tensors.items()}
     for group in tied:

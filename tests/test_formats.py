@@ -148,3 +148,24 @@ def test_plain_state_dict_with_wrapper_prefixes_keeps_its_keys(tmp_path, wrap, s
     written = torch.load(out, weights_only=True)
     assert list(written) == list(sd)  # stored names and order kept
     _check_moved({bare[k]: v for k, v in sd.items()}, {bare[k]: v for k, v in written.items()}, result)
+
+
+class Holder(torch.nn.Module):
+    """A model whose own top-level submodule is called ``module``: its keys must not be stripped."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = mlp()
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_a_model_with_a_submodule_named_module_keeps_its_keys(tmp_path):
+    h = Holder()
+    h.module.load_state_dict(mid_state())
+    torch.save(h.state_dict(), tmp_path / "in.pt")
+    result = run(tmp_path / "in.pt", tmp_path / "out.pt", model=Holder())
+    after = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(after) == {f"module.{k}" for k in mid_state()}
+    _check_moved(mid_state(), {k[len("module."):]: v for k, v in after.items()}, result)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from teleport_cli.cli import cli
 from teleport_cli.errors import ConfigError
+from teleport_cli.formats import read_checkpoint
 from teleport_cli.training_state import FileOptions
 
 SCALER = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 7}
@@ -71,6 +72,8 @@ def test_default_moves_state_dict_reseeds_ema_drops_optimizer_keeps_the_rest(tmp
     info = doc["checkpoint"]
     assert info["weights_moved"] == "state_dict" and "re-seeded" in info["ema"] and info["optimizer"].startswith("dropped")
     assert json.loads(after["teleport_metadata"]["checkpoint"]) == info
+    again = read_checkpoint(out)  # the output is an input again: it names its model
+    assert again.metadata["arch"] == "mlp" and json.loads(again.metadata["model_kwargs"])["hidden"] == [128, 64]
     assert "re-seeded" in r.stderr and "optimizer: dropped" in r.stderr
 
 

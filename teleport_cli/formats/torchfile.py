@@ -32,7 +32,7 @@ from .base import Container, LoadedCheckpoint, WeightSet, check_finite, one_line
 KIND = "torch"
 ALLOWED_GLOBALS = [argparse.Namespace]
 WEIGHT_ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema")
-OPTIMIZER_ENTRIES = ("optimizer", "optimizer_state_dict")
+OPTIMIZER_ENTRIES = ("optimizer", "optimizer_state_dict", "optimizer_states")  # timm, common scripts, Lightning
 METADATA_ENTRY = "teleport_metadata"
 
 
