@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from teleport_cli.cli import cli
-from teleport_cli.errors import ConfigError
+from teleport_cli.errors import ConfigError, InputError
 from teleport_cli.formats import read_checkpoint
 from teleport_cli.training_state import FileOptions
 
@@ -125,3 +125,18 @@ def test_unsafe_globals_are_refused_all_listed_and_trust_pickle_loads(tmp_path):
     assert r.exit_code == 0, r.output
     after = torch.load(out, weights_only=False)
     assert after["when"] == datetime.date(2024, 1, 2) and after["where"] == pathlib.PurePosixPath("/data/run1")
+
+
+def test_legacy_pickle_format_lists_its_unsafe_globals_too(tmp_path):
+    """Files written with _use_new_zipfile_serialization=False (PyTorch < 1.6 layout)."""
+    src = tmp_path / "old.pth"
+    obj = {"state_dict": mid_state(), "args": argparse.Namespace(model="mlp"), "when": datetime.date(2024, 1, 2), "where": pathlib.PurePosixPath("/x")}
+    torch.save(obj, src, _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError) as e:
+        read_checkpoint(src)
+    msg = e.value.one_line()
+    assert "datetime.date, pathlib.PurePosixPath" in msg and "--trust-pickle" in msg and "\x1b" not in msg
+    assert "_codecs" not in msg and "argparse" not in msg
+    ok = tmp_path / "ok.pth"
+    torch.save({"state_dict": mid_state(), "args": argparse.Namespace(model="mlp")}, ok, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(ok).metadata["arch"] == "mlp"

@@ -14,6 +14,7 @@ bare model's ``state_dict`` keys. The writer always writes the stored names.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,5 +190,5 @@ def sha256_folder(path: str | Path) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """An exception's message squeezed onto one line (terminal colour codes removed)."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split()) or type(err).__name__
