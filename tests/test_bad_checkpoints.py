@@ -169,6 +169,7 @@ def test_folder_outputs_refused_and_replaced_atomically(tmp_path):
     one_line_error(apply_cli(src, link, "--force"), 6, "is the input")
     one_line_error(apply_cli(src, src / "sub"), 6, "inside the input folder")
     one_line_error(apply_cli(inner, tmp_path / "box", "--force"), 6, "holds the input")
+    one_line_error(apply_cli(src, tmp_path / "out.safetensors"), 6, "looks like a file name")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old-marker").write_text("old")

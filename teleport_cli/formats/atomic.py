@@ -70,6 +70,8 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
     if is_dir:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {output} is a file, but this checkpoint is a folder", hint="choose a folder path for -o")
+        if out.name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+            raise OutputError(f"output {output} looks like a file name, but this checkpoint is a folder", hint="the output is a folder of the same kind; choose a folder path for -o")
     else:
         if out.is_dir():
             raise OutputError(f"output {output} is a folder, but this checkpoint is a file", hint=f"pass a file path ending in {suffixes[0]}")
