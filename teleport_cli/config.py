@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 LOSSES = ("ce",)
+OBJECTIVES = ("grad-norm", "lookahead", "trace")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -44,6 +45,12 @@ class TeleportConfig:
         seed: seed for the held-out split and any random choice.
         device: ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
         loss: ``ce`` (cross-entropy on class logits).
+        objective: ``grad-norm`` (maximise 1/2 ||grad L||^2, the paper's), ``lookahead``
+            (minimise the loss after ``lookahead_steps`` virtual SGD steps at ``lr``) or
+            ``trace`` (minimise Hutchinson's estimate of tr(H) with ``probes`` probes).
+        lr: learning rate training resumes with (needed by ``lookahead``; with it the result
+            is also checked against the SGD stability edge 2 (1 + momentum) / lr).
+        momentum: heavy-ball momentum training resumes with (for the stability edge).
     """
 
     tau: float = 0.99
@@ -60,6 +67,11 @@ class TeleportConfig:
     seed: int = 0
     device: str = "auto"
     loss: str = "ce"
+    objective: str = "grad-norm"
+    lr: float | None = None
+    momentum: float = 0.0
+    lookahead_steps: int = 1
+    probes: int = 4
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,6 +87,13 @@ class TeleportConfig:
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
+            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}", None),
+            (self.objective != "lookahead" or self.lr is not None, "--objective lookahead needs --lr",
+             "pass the learning rate training resumes with"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0", None),
+            (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
+            (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
+            (self.probes >= 1, "--probes must be at least 1", None),
         ]
         for ok, message, hint in checks:
             if not ok:

@@ -25,9 +25,10 @@ from .data import TensorData, as_tensor_data, load_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
 from .models import load_strict, model_from_metadata, resolve_device
-from .objectives import LOSS_FUNCTIONS
+from .objectives import LOSS_FUNCTIONS, make_objective
 from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
+from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
 from .training_state import FileOptions, assemble, model_state, moved_stored, plan
 from .verify import compare, noise_floor
@@ -42,11 +43,14 @@ class TeleportOutcome:
 
     Attributes:
         model: the teleported copy of the model (eval mode, same device).
-        layers: one summary per Linear/Conv2d layer, teleported or not (with the reason).
+        layers: one summary per layer, teleported or not (with the reason), then every other
+            module that holds parameters (excluded, with the reason).
         stats: what the ascent loop did.
         verification: calibration and held-out checks against the original.
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
         calibration_sha256: hash of the calibration samples actually used.
+        stability: with ``config.lr``: top Hessian eigenvalues before and after against the
+            SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
     """
 
     model: nn.Module
@@ -56,6 +60,7 @@ class TeleportOutcome:
     verification: Verification
     holdout_indices: list[int] | None
     calibration_sha256: str
+    stability: dict | None = None
 
     @property
     def verified(self) -> bool:
@@ -63,30 +68,6 @@ class TeleportOutcome:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def _summaries(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...]:
-    out = []
-    for spec, _ in layers:
-        acc = accs[spec.name]
-        basis = bases.get(spec.name)
-        reason = ""
-        if acc.calls == 0:
-            reason = "never called on the calibration set (dead branch)"
-        elif not acc.plain:
-            reason = f"output is not F.linear/F.conv2d of its input and weight (relative error {acc.plain_error:.2g})"
-        elif basis is not None and basis.null_dim == 0:
-            reason = "null space is empty at this tau"
-        out.append(
-            LayerSummary(
-                spec.name, spec.kind, spec.d_in, spec.d_out, spec.groups, acc.rows,
-                basis.rank if basis else 0, basis.null_dim if basis else 0,
-                not reason, reason, changes.get(spec.name, 0.0),
-            )
-        )
-    for ex in excluded:
-        out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
-    return tuple(out)
 
 
 def teleport(
@@ -153,13 +134,22 @@ def teleport(
         def stepped(step: int, record) -> None:
             event("teleport", step, config.steps)
 
-        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, on_step=stepped)
-        changes = relative_changes(moved, model, [s.name for s, _ in layers])
+        objective = make_objective(config.objective, lr=config.lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
+        changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2)
         check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2)
+        stable = None
+        if config.lr is not None:
+            from .geometry import stability_check, top_eigenvalue
+
+            event("stability", 0, 2)
+            tops = [top_eigenvalue(m, cal_batches, loss_fn, seed=config.seed) for m in (model, moved)]
+            stable = stability_check(tops[0], tops[1], config.lr, config.momentum)
+            event("stability", 2, 2)
         return TeleportOutcome(
             moved,
             _summaries(layers, excluded, accs, bases, changes),
@@ -168,6 +158,7 @@ def teleport(
             Verification(check_cal, check_hold, floor),
             indices,
             cal.sha256(),
+            stable,
         )
     finally:
         model.train(was_training)
@@ -214,7 +205,11 @@ class ApplyResult:
             "steps_accepted": o.stats.steps_accepted,
             "steps_rejected": o.stats.steps_rejected,
             "stop_reason": o.stats.stop_reason,
+            "objective": o.stats.objective,
+            "objective_before": o.stats.objective_before,
+            "objective_after": o.stats.objective_after,
             "noise_floor": v.noise_floor,
+            "stability": o.stability,
             "calibration": set_dict(v.calibration),
             "holdout": set_dict(v.holdout),
             "holdout_source": "split" if o.holdout_indices is not None else "file",
