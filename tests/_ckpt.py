@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -23,16 +22,6 @@ HOLD = SAMPLES / "digits_holdout.safetensors"
 KWARGS = {"in_features": 64, "hidden": [128, 64], "num_classes": 10}
 MOVABLE = {"hidden.0.weight", "hidden.1.weight", "head.weight"}
 FAST = TeleportConfig(steps=4, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine two threads per process oversubscribe it
-    (these tests ran 10x slower with the default). Modules import this fixture to use it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mid_state() -> dict[str, torch.Tensor]:

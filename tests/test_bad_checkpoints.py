@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
 
-from _ckpt import CAL, HOLD, MID, mid_metadata, mid_state, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _ckpt import CAL, HOLD, MID, mid_metadata, mid_state
 from teleport_cli.cli import cli
 from teleport_cli.errors import InputError, OutputError
 from teleport_cli.formats import atomic, read_checkpoint, write_checkpoint

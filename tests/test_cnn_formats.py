@@ -11,7 +11,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from timm.models import save_for_hf
 from torch import nn
 
-from _ckpt import identical, one_thread  # noqa: F401  (autouse fixture)
+from _ckpt import identical
 from teleport_cli.config import TeleportConfig
 from teleport_cli.formats.single import write_safetensors
 from teleport_cli.pipeline import apply

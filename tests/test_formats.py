@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _ckpt import CAL, MOVABLE, identical, loss64, mid_metadata, mid_state, mlp, provenance, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _ckpt import CAL, MOVABLE, identical, loss64, mid_metadata, mid_state, mlp, provenance, run
 from teleport_cli.cli import cli
 from teleport_cli.errors import InputError
 from teleport_cli.formats import canonical_keys, read_checkpoint

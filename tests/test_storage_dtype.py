@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from _ckpt import MOVABLE, identical, loss64, mid_metadata, mid_state, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _ckpt import MOVABLE, identical, loss64, mid_metadata, mid_state, run
 from teleport_cli.config import TeleportConfig
 from teleport_cli.data import TensorData
 from teleport_cli.models import MLP

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run
 from teleport_cli.cli import cli
 from teleport_cli.errors import ConfigError, InputError
 from teleport_cli.formats import read_checkpoint
