@@ -234,13 +234,13 @@ def apply(
     force: bool = False,
     on_event: Progress | None = None,
     files: FileOptions | None = None,
-    model: nn.Module | None = None,
+    module: nn.Module | None = None,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
 
     The output is written in the input's container (see :mod:`teleport_cli.formats`); ``files``
     chooses the weights to move and what happens to EMA weights and optimizer state
-    (:mod:`teleport_cli.training_state`). ``model``: an instance of the architecture, for
+    (:mod:`teleport_cli.training_state`). ``module``: an instance of the architecture, for
     checkpoints whose metadata does not name one (its weights are replaced by the checkpoint's).
 
     Raises:
@@ -254,10 +254,10 @@ def apply(
     files = files or FileOptions()
     ckpt = read_checkpoint(checkpoint, trust_pickle=files.trust_pickle)
     weights = plan(ckpt, files)
-    if model is None:
+    if module is None:
         model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
-    else:
-        arch, kwargs = ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs")  # recorded only if the file named them
+    else:  # arch and kwargs are recorded only if the file named them
+        model, arch, kwargs = module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs")
     load_strict(model, model_state(weights, model), str(checkpoint))
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None

@@ -86,7 +86,7 @@ def test_channels_last_tensors_are_written_with_their_layout_and_values(tmp_path
     assert not sd["conv1.weight"].is_contiguous() and sd["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     torch.save(sd, tmp_path / "in.pt")
     cal, hold, x, y = _data(tmp_path, (2, 8, 8), 6, 10)
-    result = apply(tmp_path / "in.pt", cal, tmp_path / "out.pt", CFG, holdout=hold, model=TinyCNN())
+    result = apply(tmp_path / "in.pt", cal, tmp_path / "out.pt", CFG, holdout=hold, module=TinyCNN())
     after = torch.load(tmp_path / "out.pt", weights_only=True)
     for k in ("conv1.weight", "conv2.weight"):
         assert after[k].stride() == sd[k].stride(), k
@@ -113,7 +113,7 @@ def test_tied_tensors_stay_tied_in_pickles_and_in_deduplicated_safetensors(tmp_p
     model = TiedNet()
     cal, hold, x, y = _data(tmp_path, (8,), 5, 10)
     torch.save(model.state_dict(), tmp_path / "in.pt")
-    result = apply(tmp_path / "in.pt", cal, tmp_path / "out.pt", CFG, holdout=hold, model=TiedNet())
+    result = apply(tmp_path / "in.pt", cal, tmp_path / "out.pt", CFG, holdout=hold, module=TiedNet())
     after = torch.load(tmp_path / "out.pt", weights_only=True)
     assert after["a.weight"].untyped_storage().data_ptr() == after["b.weight"].untyped_storage().data_ptr()
     assert identical(after["a.weight"], model.a.weight.detach())
@@ -123,7 +123,7 @@ def test_tied_tensors_stay_tied_in_pickles_and_in_deduplicated_safetensors(tmp_p
     save_model(model, str(tmp_path / "in.safetensors"))  # stores the tied weight once
     stored = set(load_file(str(tmp_path / "in.safetensors")))
     assert len(stored) == len(model.state_dict()) - 1
-    apply(tmp_path / "in.safetensors", cal, tmp_path / "out.safetensors", CFG, holdout=hold, model=TiedNet())
+    apply(tmp_path / "in.safetensors", cal, tmp_path / "out.safetensors", CFG, holdout=hold, module=TiedNet())
     assert set(load_file(str(tmp_path / "out.safetensors"))) == stored
     back = TiedNet()
     load_model(back, str(tmp_path / "out.safetensors"))
