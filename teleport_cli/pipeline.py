@@ -30,7 +30,7 @@ from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
 from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
-from .training_state import FileOptions, assemble, model_state, moved_stored, plan
+from .training_state import FileOptions, assemble, model_state, moved_keys, moved_stored, plan
 from .verify import compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
@@ -280,8 +280,9 @@ def apply(
             hint="raise --tau, lower --step-size or --steps, or use a larger calibration set",
             result=result,
         )
-    moved = {f"{layer.name}.weight" for layer in outcome.layers if layer.teleported}
-    sets, entries, actions = assemble(weights, {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}, moved)
+    new_state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    moved = moved_keys(model.state_dict(), new_state)
+    sets, entries, actions = assemble(weights, new_state, moved)
     storage = verify_storage(model, outcome.model, moved_stored(weights, sets, moved), cal, hold, config, outcome.verification.noise_floor)
     result.files = {**actions, "storage": storage}
     if not storage["passed"]:

@@ -154,3 +154,34 @@ def test_hf_folder_with_sharded_safetensors(tmp_path):
     assert moved and all(identical(after[k], sd[k]) for k in sd if k not in moved)
     fresh = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1)
     assert _loss64(fresh, after, x, y) == pytest.approx(result.outcome.verification.calibration.loss_after, rel=1e-5)
+
+
+class AttnNet(nn.Module):
+    """Self-attention over 3 tokens, mean-pooled, then a head: in_proj_weight is a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_attention_weights_moved_by_the_teleport_are_the_ones_written(tmp_path):
+    """Every tensor that moved is written (in_proj_weight and out_proj.weight included), and
+    the written file reproduces the verified loss."""
+    torch.manual_seed(5)
+    model = AttnNet()
+    torch.save(model.state_dict(), tmp_path / "in.pt")
+    cal, hold, x, y = _data(tmp_path, (3, 8), 2, 10)
+    result = apply(tmp_path / "in.pt", cal, tmp_path / "out.pt", CFG, holdout=hold, module=AttnNet())
+    before, after = model.state_dict(), torch.load(tmp_path / "out.pt", weights_only=True)
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert "attn.in_proj_weight" in changed and changed <= {"attn.in_proj_weight", "attn.out_proj.weight", "head.weight"}
+    assert result.files["storage"]["cast"] is False
+    m = AttnNet().double().eval()
+    m.load_state_dict({k: v.double() for k, v in after.items()})
+    with torch.no_grad():
+        loss = F.cross_entropy(m(x.double()), y).item()
+    assert loss == pytest.approx(result.outcome.verification.calibration.loss_after, rel=1e-5)
