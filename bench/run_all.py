@@ -53,7 +53,8 @@ def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
     hold = load_tensor_data(S / hold_file)
     settings = BenchSettings(optimizer=optimizer, lr=LR[optimizer], steps=k, seeds=SEEDS, holdout_every=max(1, k // 20))
     start = time.perf_counter()
-    doc = run_bench(model, train, hold, config.replace(lr=LR[optimizer]), settings)
+    # the look-ahead's virtual steps are SGD steps: Adam's lr is no SGD step size, so 1/lambda_max is used
+    doc = run_bench(model, train, hold, config.replace(lr=None if optimizer == "adam" else LR[optimizer]), settings)
     doc["wall_seconds"] = time.perf_counter() - start
     doc["checkpoint"] = ckpt_file
     CELLS.mkdir(parents=True, exist_ok=True)

@@ -45,18 +45,20 @@ class TeleportConfig:
         seed: seed for the held-out split and any random choice.
         device: ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
         loss: ``ce`` (cross-entropy on class logits).
-        objective: ``grad-norm`` (maximise 1/2 ||grad L||^2, the paper's), ``lookahead``
-            (minimise the loss after ``lookahead_steps`` virtual SGD steps at ``lr``) or
+        objective: ``lookahead`` (default: minimise the loss after ``lookahead_steps`` virtual
+            SGD steps at ``lr``), ``grad-norm`` (maximise 1/2 ||grad L||^2, the paper's) or
             ``trace`` (minimise Hutchinson's estimate of tr(H) with ``probes`` probes).
-        lr: learning rate training resumes with (needed by ``lookahead``; with it the result
-            is also checked against the SGD stability edge 2 (1 + momentum) / lr).
+        lr: learning rate training resumes with. The look-ahead's virtual steps use it; without
+            it they use ``1 / lambda_max`` of the calibration loss (half the SGD edge of
+            stability). With it the result is also checked against the SGD stability edge
+            ``2 (1 + momentum) / lr``.
         momentum: heavy-ball momentum training resumes with (for the stability edge).
     """
 
     tau: float = 0.99
-    steps: int = 50
+    steps: int = 100
     step_size: float = 0.01
-    max_step: float = 0.5
+    max_step: float = 1.0
     tolerance: float = 5e-3
     holdout_tolerance: float = 2e-2
     target_ratio: float | None = None
@@ -67,7 +69,7 @@ class TeleportConfig:
     seed: int = 0
     device: str = "auto"
     loss: str = "ce"
-    objective: str = "grad-norm"
+    objective: str = "lookahead"
     lr: float | None = None
     momentum: float = 0.0
     lookahead_steps: int = 1
@@ -88,8 +90,6 @@ class TeleportConfig:
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}", None),
-            (self.objective != "lookahead" or self.lr is not None, "--objective lookahead needs --lr",
-             "pass the learning rate training resumes with"),
             (self.lr is None or self.lr > 0, "--lr must be > 0", None),
             (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
             (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),

@@ -51,6 +51,8 @@ class TeleportOutcome:
         calibration_sha256: hash of the calibration samples actually used.
         stability: with ``config.lr``: top Hessian eigenvalues before and after against the
             SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
+        lookahead_lr: the learning rate of the look-ahead's virtual steps (``config.lr``, or
+            ``1 / lambda_max`` of the calibration loss), None for other objectives.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class TeleportOutcome:
     holdout_indices: list[int] | None
     calibration_sha256: str
     stability: dict | None = None
+    lookahead_lr: float | None = None
 
     @property
     def verified(self) -> bool:
@@ -134,7 +137,12 @@ def teleport(
         def stepped(step: int, record) -> None:
             event("teleport", step, config.steps)
 
-        objective = make_objective(config.objective, lr=config.lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+        lookahead_lr = config.lr
+        if config.objective == "lookahead" and lookahead_lr is None:
+            from .geometry import top_eigenvalue
+
+            lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, cal_batches, loss_fn, seed=config.seed)), 1e-12)
+        objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
         stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
         changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
@@ -159,6 +167,7 @@ def teleport(
             indices,
             cal.sha256(),
             stable,
+            lookahead_lr if config.objective == "lookahead" else None,
         )
     finally:
         model.train(was_training)
@@ -208,6 +217,7 @@ class ApplyResult:
             "objective": o.stats.objective,
             "objective_before": o.stats.objective_before,
             "objective_after": o.stats.objective_after,
+            "lookahead_lr": o.lookahead_lr,
             "noise_floor": v.noise_floor,
             "stability": o.stability,
             "calibration": set_dict(v.calibration),

@@ -61,8 +61,8 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
-              help="grad-norm: raise 1/2||g||^2 (the paper's); lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; trace: lower Hutchinson's tr(H).")
-@click.option("--lr", type=float, default=None, help="Learning rate training resumes with (lookahead needs it).")
+              help="lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; grad-norm: raise 1/2||g||^2 (the paper's); trace: lower Hutchinson's tr(H).")
+@click.option("--lr", type=float, default=None, help="SGD learning rate training resumes with: the look-ahead's virtual step (default 1/top Hessian eigenvalue) and the stability check.")
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="Heavy-ball momentum training resumes with (stability edge 2(1+momentum)/lr).")
 @click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
 @click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")

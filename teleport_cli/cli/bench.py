@@ -73,7 +73,8 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
             raise click.BadParameter(f"unknown {unknown}" if unknown else "must include 'original'", param_hint="--variants")
         if k < 10 or seeds < 1 or batch_size < 1 or period < 1:
             raise click.BadParameter("--steps >= 10, --seeds >= 1, --batch-size >= 1, --period >= 1")
-        config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective, lr=lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate, device=device)
+        config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective,
+                                lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
         ckpt = load_checkpoint(checkpoint)
         model, _, _ = model_from_metadata(ckpt.metadata, checkpoint)
