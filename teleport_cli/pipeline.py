@@ -30,7 +30,7 @@ from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
 from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
-from .training_state import FileOptions, assemble, model_state, moved_stored, plan
+from .training_state import FileOptions, assemble, model_state, moved_keys, moved_stored, plan
 from .verify import compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
@@ -253,13 +253,13 @@ def apply(
     force: bool = False,
     on_event: Progress | None = None,
     files: FileOptions | None = None,
-    model: nn.Module | None = None,
+    module: nn.Module | None = None,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
 
     The output is written in the input's container (see :mod:`teleport_cli.formats`); ``files``
     chooses the weights to move and what happens to EMA weights and optimizer state
-    (:mod:`teleport_cli.training_state`). ``model``: an instance of the architecture, for
+    (:mod:`teleport_cli.training_state`). ``module``: an instance of the architecture, for
     checkpoints whose metadata does not name one (its weights are replaced by the checkpoint's).
 
     Raises:
@@ -273,10 +273,10 @@ def apply(
     files = files or FileOptions()
     ckpt = read_checkpoint(checkpoint, trust_pickle=files.trust_pickle)
     weights = plan(ckpt, files)
-    if model is None:
+    if module is None:
         model, arch, kwargs = model_from_metadata(ckpt.metadata, str(checkpoint))
-    else:
-        arch, kwargs = ckpt.metadata.get("arch", type(model).__name__), json.loads(ckpt.metadata.get("model_kwargs", "{}"))
+    else:  # arch and kwargs are recorded only if the file named them
+        model, arch, kwargs = module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs")
     load_strict(model, model_state(weights, model), str(checkpoint))
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
@@ -299,8 +299,9 @@ def apply(
             hint="raise --tau, lower --step-size or --steps, or use a larger calibration set",
             result=result,
         )
-    moved = {f"{layer.name}.weight" for layer in outcome.layers if layer.teleported}
-    sets, entries, actions = assemble(weights, {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}, moved)
+    new_state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    moved = moved_keys(model.state_dict(), new_state)
+    sets, entries, actions = assemble(weights, new_state, moved)
     storage = verify_storage(model, outcome.model, moved_stored(weights, sets, moved), cal, hold, config, outcome.verification.noise_floor)
     result.files = {**actions, "storage": storage}
     if not storage["passed"]:
@@ -309,8 +310,7 @@ def apply(
     metadata.update(
         {
             "format": "pt",
-            "arch": arch,
-            "model_kwargs": json.dumps(kwargs),
+            **({"arch": arch, "model_kwargs": kwargs if isinstance(kwargs, str) else json.dumps(kwargs)} if arch else {}),
             "teleport": json.dumps(config.to_dict()),
             "teleport_stats": json.dumps(outcome.stats.to_dict()),
             "verification": json.dumps(outcome.verification.to_dict()),

@@ -94,7 +94,10 @@ def model_state(p: Plan, model: nn.Module) -> dict[str, torch.Tensor]:
     keys, tied = _model_keys(model)
     for name, ws in p.ckpt.weights.items():
         state, renames = align_to_model(ws.by_canonical(), keys)
-        p.key_maps[name] = {k: renames.get(c, c) for k, c in ws.canonical.items()}
+        kmap = {k: renames.get(c, c) for k, c in ws.canonical.items()}
+        if sum(k in keys for k in ws.tensors) > sum(m in keys for m in kmap.values()):
+            kmap = {k: k for k in ws.tensors}  # the model itself has a submodule named module/_orig_mod
+        p.key_maps[name] = kmap
     ws = p.ckpt.weights[p.source]
     state = {p.key_maps[p.source][k]: t for k, t in ws.tensors.items()}
     for group in tied:
@@ -168,3 +171,13 @@ def moved_stored(p: Plan, sets: dict, moved: set[str]) -> dict[str, torch.Tensor
     """Model key -> the value as it will be written (stored dtype), for the moved keys."""
     kmap = p.key_maps[p.source]
     return {kmap[k]: t for k, t in sets[p.source].items() if kmap[k] in moved}
+
+
+def moved_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys whose values differ between the original and the teleported model.
+
+    Compared value by value rather than derived from layer names, so that any weight a
+    teleport moves (``weight``, ``in_proj_weight``, ``out_proj.weight``) is written, and
+    every other tensor is written exactly as read.
+    """
+    return {k for k, v in after.items() if not torch.equal(v.detach().cpu(), before[k].detach().cpu())}

@@ -169,6 +169,7 @@ def test_folder_outputs_refused_and_replaced_atomically(tmp_path):
     one_line_error(apply_cli(src, link, "--force"), 6, "is the input")
     one_line_error(apply_cli(src, src / "sub"), 6, "inside the input folder")
     one_line_error(apply_cli(inner, tmp_path / "box", "--force"), 6, "holds the input")
+    one_line_error(apply_cli(src, tmp_path / "out.safetensors"), 6, "looks like a file name")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old-marker").write_text("old")
@@ -238,3 +239,13 @@ def test_help_documents_every_exit_code():
         for code in range(7):
             assert re.search(rf"\n\s+{code}  \w", r.output), (args, code)
         assert "--trust-pickle" in r.output or args == ["--help"]
+
+
+def test_force_over_a_link_replaces_the_link_and_leaves_its_target(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "x").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    with atomic.staged_folder(tmp_path / "link") as tmp:
+        (tmp / "new").write_text("new")
+    assert not (tmp_path / "link").is_symlink() and os.listdir(tmp_path / "link") == ["new"]
+    assert os.listdir(tmp_path / "target") == ["x"] and sorted(os.listdir(tmp_path)) == ["link", "target"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_metadata, mid_state, mlp, provenance, run
+from _ckpt import CAL, MOVABLE, identical, loss64, mid_metadata, mid_state, mlp, provenance, run
 from teleport_cli.cli import cli
 from teleport_cli.errors import InputError
 from teleport_cli.formats import canonical_keys, read_checkpoint
@@ -45,7 +45,7 @@ def test_single_safetensors_without_metadata_needs_model_flags(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     # with the model built by the caller (what --model will do) the same file goes through
     out = tmp_path / "out.safetensors"
-    result = run(bare, out, model=mlp())
+    result = run(bare, out, module=mlp())
     _check_moved(mid_state(), load_file(str(out)), result)
 
 
@@ -144,7 +144,28 @@ def test_plain_state_dict_with_wrapper_prefixes_keeps_its_keys(tmp_path, wrap, s
     canon = set(canonical_keys(list(sd)).values())  # a wrapped submodule is matched against the model later
     assert canon == set(bare.values()) if wrap != "nested" else "head.module.weight" in canon
     out = tmp_path / f"out{suffix}"
-    result = run(src, out, model=mlp())
+    result = run(src, out, module=mlp())
     written = torch.load(out, weights_only=True)
     assert list(written) == list(sd)  # stored names and order kept
     _check_moved({bare[k]: v for k, v in sd.items()}, {bare[k]: v for k, v in written.items()}, result)
+
+
+class Holder(torch.nn.Module):
+    """A model whose own top-level submodule is called ``module``: its keys must not be stripped."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = mlp()
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_a_model_with_a_submodule_named_module_keeps_its_keys(tmp_path):
+    h = Holder()
+    h.module.load_state_dict(mid_state())
+    torch.save(h.state_dict(), tmp_path / "in.pt")
+    result = run(tmp_path / "in.pt", tmp_path / "out.pt", module=Holder())
+    after = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(after) == {f"module.{k}" for k in mid_state()}
+    _check_moved(mid_state(), {k[len("module."):]: v for k, v in after.items()}, result)

@@ -99,3 +99,36 @@ def test_rounding_floor_is_the_same_rounding_applied_to_the_original_weights():
     # on the calibration set the float32 move is exact, so after the cast only rounding is left
     assert out["calibration"]["max_abs_logit_diff"] > 0
     assert out["calibration"]["max_abs_logit_diff"] < 10 * 2**-10 * float(w1.abs().max()) * float(x.abs().sum(1).max())
+
+
+def test_a_cast_that_fails_verification_is_exit_4_and_writes_nothing(tmp_path, monkeypatch):
+    """The held-out loss of an exact calibration-set move changes; with a zero held-out
+    tolerance the cast check fails (computed, not mocked), and the pipeline refuses to write."""
+    import teleport_cli.pipeline as pipeline
+    from teleport_cli.precision import storage_failure
+
+    torch.manual_seed(4)
+    original = MLP(6, [5], 3).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.copy_(p.half().float())
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    hx, hy = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    null = torch.linalg.svd(x.double(), full_matrices=True).Vh[3:].float()
+    teleported = MLP(6, [5], 3).eval()
+    teleported.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        teleported.hidden[0].weight.add_(0.3 * torch.randn(5, 3) @ null)
+    stored = {"hidden.0.weight": teleported.hidden[0].weight.detach().half()}
+    cfg = TeleportConfig(device="cpu", holdout_tolerance=0.0)
+    out = verify_storage(original, teleported, stored, TensorData(x, y), TensorData(hx, hy), cfg, 0.0)
+    assert out["calibration"]["passed"] and not out["holdout"]["passed"] and not out["passed"]
+    err = storage_failure(out)
+    assert err.exit_code == 4 and "after casting back to float16 failed: holdout loss" in err.one_line()
+
+    # the pipeline raises it before writing anything
+    monkeypatch.setattr(pipeline, "verify_storage", lambda *a, **k: out)
+    src = _copy_mid(tmp_path)
+    with pytest.raises(type(err)) as e:
+        run(src, tmp_path / "out.safetensors")
+    assert e.value.result.files["storage"] is out and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

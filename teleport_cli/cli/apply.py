@@ -171,12 +171,14 @@ def _checkpoint_notes(err, info: dict | None) -> None:
             err.print(f"  {key}: {info[key]}", highlight=False)
     st = info["storage"]
     if st.get("cast"):
+        t = Table(title=f"after casting back to {'/'.join(st['dtypes'])} (as written)", title_justify="left")
+        for col in ("", "loss after cast", "drift", "max |Δlogit|", "rounding floor: loss", "rounding floor: |Δlogit|", "gate"):
+            t.add_column(col, justify="left" if not col else "right")
         for name in ("calibration", "holdout"):
             c = st[name]
-            err.print(
-                f"  after casting back to {'/'.join(st['dtypes'])}: {name} loss {c['loss_after_cast']:.6f} "
-                f"(drift {c['relative_loss_drift']:.2e}, max |Δlogit| {c['max_abs_logit_diff']:.3g}; "
-                f"rounding floor {c['rounding_floor_loss']:.2e}, {c['rounding_floor_max_abs_logit_diff']:.3g}) "
-                + ("pass" if c["passed"] else "FAIL"),
-                highlight=False,
+            t.add_row(
+                name, f"{c['loss_after_cast']:.6f}", f"{c['relative_loss_drift']:.2e}", f"{c['max_abs_logit_diff']:.3g}",
+                f"{c['rounding_floor_loss']:.2e}", f"{c['rounding_floor_max_abs_logit_diff']:.3g}",
+                "[green]pass[/]" if c["passed"] else "[red]FAIL[/]",
             )
+        err.print(t)

@@ -70,6 +70,8 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
     if is_dir:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {output} is a file, but this checkpoint is a folder", hint="choose a folder path for -o")
+        if out.name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+            raise OutputError(f"output {output} looks like a file name, but this checkpoint is a folder", hint="the output is a folder of the same kind; choose a folder path for -o")
     else:
         if out.is_dir():
             raise OutputError(f"output {output} is a folder, but this checkpoint is a file", hint=f"pass a file path ending in {suffixes[0]}")
@@ -165,7 +167,7 @@ def replace_folder(new: Path, out: Path) -> None:
     If renaming ``new`` in fails, the old folder is renamed back before the error propagates.
     """
     parent = out.parent if str(out.parent) else Path(".")
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.rename(new, out)
         fsync_path(parent)
         return
@@ -178,4 +180,7 @@ def replace_folder(new: Path, out: Path) -> None:
         os.rename(aside, out)
         raise
     fsync_path(parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_symlink():  # -o was a link: the link is replaced, the folder it named is left alone
+        os.unlink(aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -14,6 +14,7 @@ bare model's ``state_dict`` keys. The writer always writes the stored names.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +78,6 @@ class WeightSet:
     def by_canonical(self) -> dict[str, torch.Tensor]:
         return {self.canonical[k]: t for k, t in self.tensors.items()}
 
-    def dtypes(self) -> list[str]:
-        return sorted({str(t.dtype).replace("torch.", "") for t in self.tensors.values()})
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -106,10 +104,6 @@ class LoadedCheckpoint:
     @property
     def ema_name(self) -> str | None:
         return next((n for n in self.weights if "ema" in n), None)
-
-    def describe(self) -> str:
-        sets = ", ".join(f"{n} ({len(w.tensors)} tensors, {'/'.join(w.dtypes())})" for n, w in self.weights.items())
-        return f"{self.container.kind} checkpoint with {sets}"
 
 
 def canonical_keys(keys: list[str]) -> dict[str, str]:
@@ -196,5 +190,5 @@ def sha256_folder(path: str | Path) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """An exception's message squeezed onto one line (terminal colour codes removed)."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split()) or type(err).__name__

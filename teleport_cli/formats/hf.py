@@ -77,10 +77,9 @@ def read(path: str | Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
         if not _is_state_dict(obj):
             raise InputError(f"{folder / PICKLE} is not a state dict", hint="save_for_hf writes model.state_dict()")
         layout["pickle_type"], layout["pickle_metadata"] = type(obj), getattr(obj, "_metadata", None)
-        if tensors is None:
-            tensors = dict(obj)
-        elif set(obj) != set(tensors) or any(not torch.equal(obj[k], tensors[k]) for k in tensors):
+        if tensors is not None and (set(obj) != set(tensors) or any(not torch.equal(obj[k], tensors[k]) for k in tensors)):
             raise InputError(f"{folder}: {PICKLE} and the safetensors weights differ", hint="remove the stale one")
+        tensors = dict(obj)  # the pickle keeps key order, strides and ties; the values are the same
     ws = WeightSet.from_tensors("state_dict", tensors, str(path))
     check_finite(ws, str(path))
     return LoadedCheckpoint(str(path), Container(KIND, True, layout), metadata_from_config(config), sha256_folder(folder), {"state_dict": ws})

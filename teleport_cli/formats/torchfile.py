@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -32,12 +33,20 @@ from .base import Container, LoadedCheckpoint, WeightSet, check_finite, one_line
 KIND = "torch"
 ALLOWED_GLOBALS = [argparse.Namespace]
 WEIGHT_ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema")
-OPTIMIZER_ENTRIES = ("optimizer", "optimizer_state_dict")
+OPTIMIZER_ENTRIES = ("optimizer", "optimizer_state_dict", "optimizer_states")  # timm, common scripts, Lightning
 METADATA_ENTRY = "teleport_metadata"
 
 
 def _allowed_names() -> set[str]:
-    return {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    """Our allow-list, plus PyTorch's own weights-only list where this version exposes it."""
+    names = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names |= set(_get_allowed_globals())
+    except (ImportError, AttributeError, TypeError):
+        names |= {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set", "builtins.bytearray", "builtins.complex"}
+    return names
 
 
 def load_pickle(path: str | Path, *, trust_pickle: bool = False):
@@ -75,14 +84,28 @@ def load_pickle(path: str | Path, *, trust_pickle: bool = False):
 
 
 def _unsafe_globals(p: Path) -> list[str]:
-    """Every global the file needs beyond the weights-only allow-list (zip-format files)."""
-    if not zipfile.is_zipfile(p):
-        return []
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
-    except Exception:
-        return []
-    return sorted(set(found) - _allowed_names())
+    """Every global the file needs beyond the weights-only allow-list.
+
+    Zip-format files (PyTorch >= 1.6) ask ``get_unsafe_globals_in_checkpoint``; legacy files
+    (``_use_new_zipfile_serialization=False``) are several protocol-2 pickles in a row, whose
+    ``GLOBAL`` opcodes are listed without running them (PyTorch's allowed globals and its
+    ``torch.*`` rebuild helpers left out: only this message depends on it, not the refusal).
+    """
+    if zipfile.is_zipfile(p):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+        except Exception:
+            return []
+        return sorted(set(found) - _allowed_names())
+    found = set()
+    with open(p, "rb") as f:
+        for _ in range(4):  # magic number, protocol version, system info, the object
+            try:
+                found |= {str(arg).replace(" ", ".") for op, arg, _ in pickletools.genops(f) if op.name == "GLOBAL"}
+            except Exception:
+                break
+    allowed = _allowed_names()
+    return sorted(g for g in found if not g.startswith("torch.") and g not in allowed)
 
 
 def _is_state_dict(obj) -> bool:
