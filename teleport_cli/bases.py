@@ -90,14 +90,35 @@ def null_mask(eigenvalues: torch.Tensor, tau: float) -> tuple[torch.Tensor, int]
     return zero | small, rank
 
 
+def symmetric_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float64 matrix.
+
+    LAPACK's divide-and-conquer driver behind ``torch.linalg.eigh`` occasionally fails to
+    converge on Grams with large clusters of near-zero eigenvalues (seen with one thread on an
+    864 x 864 conv Gram). Retry on the matrix scaled to max |a| = 1, then with numpy's eigh.
+    """
+    try:
+        return torch.linalg.eigh(a)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = float(a.abs().max()) or 1.0
+    try:
+        s, v = torch.linalg.eigh(a / scale)
+        return s * scale, v
+    except torch.linalg.LinAlgError:
+        import numpy as np
+
+        s, v = np.linalg.eigh(a.detach().cpu().numpy())
+        return torch.from_numpy(s).to(a.device), torch.from_numpy(v).to(a.device)
+
+
 def layer_basis(name: str, gram: torch.Tensor, tau: float) -> LayerBasis:
     """Eigen-decompose each group's Gram (``(groups, d_in, d_in)`` float64) and build the basis."""
     groups = []
     eigs = []
     rank = null_dim = 0
     for a in gram:
-        a = 0.5 * (a + a.T)
-        s, v = torch.linalg.eigh(a)
+        s, v = symmetric_eigh(0.5 * (a + a.T))
         mask, r = null_mask(s, tau)
         k = int(mask.sum())
         if k <= a.shape[0] - k:

@@ -3,9 +3,11 @@
 For each teleportable layer, ``A = X^T X`` (``d_in x d_in`` per group) is summed over all
 calibration batches in float64; activations are never kept (design notes, Sec. 2). On the
 first batch each layer is also checked to be a plain linear map of its input: its output must
-equal ``F.linear``/``F.conv2d`` of the captured input with its stored weight and bias, so that
-subclasses that transform the weight or the input inside ``forward`` are never teleported.
-Every hook handle is removed when the context exits, also on error.
+equal ``F.linear``/``F.conv1d/2d/3d`` of the captured input with its stored weight and bias, so
+that subclasses that transform the weight or the input inside ``forward`` are never teleported.
+``nn.MultiheadAttention`` is captured through one hook on the attention module
+(:mod:`teleport_cli.attention`). Every hook handle is removed when the context exits, also on
+error.
 """
 
 from __future__ import annotations
@@ -17,31 +19,48 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .layers import LayerSpec, input_rows, reference_output
+from .attention import make_attention_hook
+from .layers import LayerSpec, input_rows, reference_output, token_rows
 
 PLAIN_RTOL = 1e-4
 
 
 @dataclass
 class GramAccumulator:
-    """Running Gram of one layer: ``gram`` is ``(groups, d_in, d_in)`` float64 on the CPU."""
+    """Running Gram of one layer: ``gram`` is ``(groups, d_in, d_in)`` float64 on the inputs' device.
+
+    ``gram`` is None until the layer's hook first fires (a dead branch keeps it None).
+    ``rows`` counts the rows of one block (for attention blocks with inputs of different
+    lengths, the longest); ``calls`` counts hook calls (0: a dead branch).
+    """
 
     spec: LayerSpec
-    gram: torch.Tensor
+    gram: torch.Tensor | None = None
     rows: int = 0
     calls: int = 0
     plain: bool | None = None
     plain_error: float = 0.0
+    tolerance: float = PLAIN_RTOL
     notes: list[str] = field(default_factory=list)
 
 
-def _check_plain(spec: LayerSpec, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Relative max difference between the module's output and its plain functional form."""
-    ref = reference_output(spec, module, x)
+def relative_difference(ref: torch.Tensor, y: torch.Tensor) -> float:
+    """``max |ref - y| / max |ref|`` (inf when the shapes differ)."""
+    if y.is_nested:
+        y = token_rows(y)
     if ref.shape != y.shape:
         return float("inf")
     scale = ref.abs().max().item() + 1e-12
     return (ref - y).abs().max().item() / scale
+
+
+def _check_plain(spec: LayerSpec, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative max difference between the module's output and its plain functional form."""
+    try:
+        ref = reference_output(spec, module, x)
+    except (RuntimeError, ValueError):
+        return float("inf")
+    return relative_difference(ref, y)
 
 
 @contextlib.contextmanager
@@ -57,17 +76,26 @@ def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, 
                 acc.plain_error = _check_plain(acc.spec, module, x, output.detach())
                 acc.plain = acc.plain_error <= PLAIN_RTOL
             rows = input_rows(acc.spec, module, x).to(torch.float64)
-            acc.gram += torch.bmm(rows.transpose(1, 2), rows).to(acc.gram.device)
+            if acc.gram is None:
+                acc.gram = torch.zeros(acc.spec.groups, acc.spec.d_in, acc.spec.d_in, dtype=torch.float64, device=x.device)
+            acc.gram += torch.bmm(rows.transpose(1, 2), rows)
             acc.rows += rows.shape[1]
             acc.calls += 1
 
         return hook
 
     try:
+        attention: dict[int, tuple[nn.Module, dict[str, GramAccumulator]]] = {}
         for spec, module in layers:
-            acc = GramAccumulator(spec, torch.zeros(spec.groups, spec.d_in, spec.d_in, dtype=torch.float64))
+            acc = GramAccumulator(spec)
             accs[spec.name] = acc
-            handles.append(module.register_forward_hook(make_hook(acc)))
+            if spec.kind.startswith("mha_"):
+                attention.setdefault(id(module), (module, {}))[1][spec.kind] = acc
+            else:
+                handles.append(module.register_forward_hook(make_hook(acc)))
+        for module, by_kind in attention.values():
+            hook = make_attention_hook(by_kind, relative_difference)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield accs
     finally:
         for h in handles:
@@ -89,7 +117,7 @@ def capture_grams(
         on_batch: called with the number of samples after each batch (progress).
 
     Returns:
-        name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (CPU), the number of
+        name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (on the inputs' device), the number of
         rows, the number of hook calls (0 means a dead branch) and the plain-map check.
     """
     with torch.no_grad(), gram_hooks(layers) as accs:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 LOSSES = ("ce", "lm")
+OBJECTIVES = ("grad-norm", "lookahead", "trace")
+METHODS = ("nullspace", "levelset", "symmetry")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,12 +47,25 @@ class TeleportConfig:
         device: ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
         loss: ``ce`` (cross-entropy on ``(N, C)`` class logits) or ``lm`` (next-token
             cross-entropy on ``(N, T, V)`` logits against ``(N, T)`` targets).
+        objective: ``lookahead`` (default: minimise the loss after ``lookahead_steps`` virtual
+            SGD steps at ``lr``), ``grad-norm`` (maximise 1/2 ||grad L||^2, the paper's) or
+            ``trace`` (minimise Hutchinson's estimate of tr(H) with ``probes`` probes).
+        method: ``nullspace`` (this tool: moves inside the layers' input null spaces), or a
+            baseline that ascends the gradient norm on the level set without null spaces:
+            ``levelset`` (Mishkin et al. 2024; any model, all parameters) or ``symmetry``
+            (Zhao et al. 2022; GL(k) action between consecutive layers of the built-in MLP).
+            Baselines always use the gradient-norm objective.
+        lr: learning rate training resumes with. The look-ahead's virtual steps use it; without
+            it they use ``1 / lambda_max`` of the calibration loss (half the SGD edge of
+            stability). With it the result is also checked against the SGD stability edge
+            ``2 (1 + momentum) / lr``.
+        momentum: heavy-ball momentum training resumes with (for the stability edge).
     """
 
     tau: float = 0.99
-    steps: int = 50
+    steps: int = 100
     step_size: float = 0.01
-    max_step: float = 0.5
+    max_step: float = 1.0
     tolerance: float = 5e-3
     holdout_tolerance: float = 2e-2
     target_ratio: float | None = None
@@ -61,6 +76,12 @@ class TeleportConfig:
     seed: int = 0
     device: str = "auto"
     loss: str = "ce"
+    objective: str = "lookahead"
+    method: str = "nullspace"
+    lr: float | None = None
+    momentum: float = 0.0
+    lookahead_steps: int = 1
+    probes: int = 4
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +97,13 @@ class TeleportConfig:
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}", None),
+            (self.method == "nullspace" or self.objective in ("grad-norm", "lookahead"), "--objective trace needs --method nullspace", None),
+            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}", None),
+            (self.lr is None or self.lr > 0, "--lr must be > 0", None),
+            (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
+            (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
+            (self.probes >= 1, "--probes must be at least 1", None),
         ]
         for ok, message, hint in checks:
             if not ok:

@@ -102,7 +102,7 @@ def tensor_data_from(tensors: dict[str, torch.Tensor], path: str | Path, *, what
         )
     inputs, targets = tensors["inputs"], tensors["targets"]
     if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise InputError(f"{what} file {path} holds no samples", hint="it needs at least one sample")
+        raise InputError(f"{what} file {path} holds no samples (found 0, need at least 1)", hint="it needs at least one sample")
     if not inputs.is_floating_point():
         inputs = inputs.float()
     if not torch.isfinite(inputs).all():
@@ -125,8 +125,10 @@ def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorD
     n = len(data)
     k = int(round(n * fraction))
     if n < 2 or k < 1 or k >= n:
+        need = next(m for m in range(2, 10**6) if 1 <= int(round(m * fraction)) < m)
         raise InputError(
-            f"{data.source} has {n} samples: too few to set aside {fraction:.0%} as held-out set",
+            f"{data.source} has {n} samples: too few to set aside {fraction:.0%} as held-out set"
+            f" (requested {fraction:.0%} held-out and the rest for calibration: needs at least {need} samples, found {n})",
             hint="pass --holdout DATA or use a larger calibration set",
         )
     g = torch.Generator().manual_seed(seed)

@@ -11,12 +11,16 @@ code  meaning
 0     success: the teleported checkpoint was verified and written
 1     internal error (a bug: please report it with the traceback)
 2     usage error: a bad flag or option value (click's own code)
-3     bad input: a missing, unreadable or malformed checkpoint or data file,
-      data that does not fit the model, an unknown architecture
-4     verification failed: the loss changed beyond the tolerance; nothing written
+3     bad input: a missing, truncated or corrupted checkpoint or data file, a
+      shard index that disagrees with its shards, a pickle that needs code
+      (``--trust-pickle``), NaN or Inf, keys, shapes or data that do not fit
+      the model, an unknown architecture, too few calibration samples
+4     verification failed: the loss changed beyond the tolerance (also after
+      casting back to the stored float16/bfloat16); nothing written
 5     no teleport step was accepted: nothing to write; nothing written
-6     output refused: the output exists (use --force), would overwrite an
-      input, or its folder does not exist or is not writable
+6     output refused: the output exists (use --force), is or holds an input,
+      is another container than the input, its folder does not exist or is
+      not writable, or the write failed
 ====  =====================================================================
 """
 

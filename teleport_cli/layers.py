@@ -2,10 +2,13 @@
 
 Pure functions over modules and tensors (no hooks, no state). A layer with weight W
 (``d_out x d_in``) computes ``z = W x + b``; the rows of its input matrix X are one per sample
-(Linear: one per sample and token) or one per unfolded patch (Conv2d), exactly as the layer sees
-them (arXiv:2502.11362, Sec. 3; design notes, Sec. 2). Grouped convs have one block per group:
-weight ``(groups, C_out/groups, C_in/groups * kh * kw)`` and rows
-``(groups, N * L, C_in/groups * kh * kw)``.
+(Linear: one per sample and token) or one per unfolded patch (Conv1d/2d/3d), exactly as the
+layer sees them (arXiv:2502.11362, Sec. 3; design notes, Sec. 2). Grouped convs have one block
+per group: weight ``(groups, C_out/groups, C_in/groups * prod(kernel))`` and rows
+``(groups, N * L, C_in/groups * prod(kernel))``.
+
+``nn.MultiheadAttention`` keeps its q/k/v projection as a bare parameter and never calls its
+``out_proj`` as a module; :mod:`teleport_cli.attention` describes and captures it.
 """
 
 from __future__ import annotations
@@ -16,19 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
+KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Static description of one teleportable layer.
+    """Static description of one teleportable weight.
 
     Attributes:
-        name: qualified module name.
-        kind: ``linear`` or ``conv2d``.
-        groups: number of weight blocks (conv groups; 1 for Linear).
-        d_in: columns of one block (``in_features``, or ``C_in/groups * kh * kw``).
+        name: display name: the qualified module name (``blocks.0.mlp.fc1``), or for the
+            attention projections of an ``nn.MultiheadAttention`` ``attn.in_proj`` /
+            ``attn.out_proj`` / ``attn.q_proj`` ...
+        kind: ``linear``, ``conv1d``, ``conv2d``, ``conv3d``, ``mha_in_proj`` (the fused
+            ``3E x E`` q/k/v weight as three blocks), ``mha_q_proj``/``mha_k_proj``/
+            ``mha_v_proj`` (separate weights when kdim/vdim differ) or ``mha_out_proj``.
+        groups: number of weight blocks with their own Gram (conv groups; 3 for ``mha_in_proj``;
+            else 1).
+        d_in: columns of one block (``in_features``, or ``C_in/groups * prod(kernel)``).
         d_out: rows of one block (``out_features``, or ``C_out/groups``).
+        module_name: qualified name of the module the weight is reached from (and hooked on);
+            ``None`` means ``name``.
+        param: the weight's attribute path below that module (``weight``, ``in_proj_weight``,
+            ``out_proj.weight``).
     """
 
     name: str
@@ -36,15 +49,28 @@ class LayerSpec:
     groups: int
     d_in: int
     d_out: int
+    module_name: str | None = None
+    param: str = "weight"
+
+    @property
+    def weight_key(self) -> str:
+        """The weight's key in the model's state dict."""
+        owner = self.name if self.module_name is None else self.module_name
+        return f"{owner}.{self.param}" if owner else self.param
 
 
 @dataclass(frozen=True)
 class Excluded:
-    """A weight-bearing module that is left alone, and why."""
+    """A module with parameters that is left alone, and why."""
 
     name: str
     kind: str
     reason: str
+
+
+def layer_weight(spec: LayerSpec, module: nn.Module) -> torch.Tensor:
+    """The weight parameter a spec moves, reached from its (hooked) module."""
+    return module.get_parameter(spec.param)
 
 
 def _kind_of(module: nn.Module) -> str | None:
@@ -55,82 +81,166 @@ def _kind_of(module: nn.Module) -> str | None:
 
 
 def spec_of(name: str, module: nn.Module) -> LayerSpec:
-    """The LayerSpec of a Linear or Conv2d module."""
+    """The LayerSpec of a Linear or Conv1d/2d/3d module."""
     kind = _kind_of(module)
     if kind == "linear":
         return LayerSpec(name, kind, 1, module.in_features, module.out_features)
-    if kind == "conv2d":
+    if kind is not None:
         g = module.groups
-        kh, kw = module.kernel_size
-        return LayerSpec(name, kind, g, module.in_channels // g * kh * kw, module.out_channels // g)
+        k = int(torch.tensor(module.kernel_size).prod())
+        return LayerSpec(name, kind, g, module.in_channels // g * k, module.out_channels // g)
     raise TypeError(f"{name}: {type(module).__name__} is not a teleportable layer type")
+
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def _other_reason(module: nn.Module) -> tuple[str, str]:
+    """Kind and reason for a module with parameters that is not a teleportable layer."""
+    cls = type(module).__name__
+    if isinstance(module, NORM_TYPES) or "norm" in cls.lower():
+        return "norm", f"normalisation layer ({cls}): a per-channel scale and shift, not a linear map of its input"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding", f"embedding ({cls}): a lookup table, its rows are not weights of a linear map"
+    names = ", ".join(n for n, p in module._parameters.items() if p is not None)
+    return cls.lower(), f"parameters {names} of {cls} are not the weight of a Linear/Conv layer"
+
+
+def _exclusion(module: nn.Module, weight: torch.Tensor | None, others: list[str]) -> str | None:
+    """Why a Linear/Conv/attention weight must not move, or None."""
+    if weight is None:
+        return "has no weight parameter (computed in forward, e.g. old-style weight_norm)"
+    if others:
+        return "weight is tied to " + ", ".join(others)
+    if not weight.requires_grad:
+        return "weight is frozen (requires_grad=False)"
+    return None
 
 
 def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], list[Excluded]]:
     """Discover teleportable layers from the module tree.
 
-    A Linear or Conv2d (or a subclass; subclasses are checked against the plain functional
-    form at capture time) is teleportable when its weight is trainable and not shared with
-    another module. Normalisation layers, embeddings and everything else are not weight
-    matrices of a linear map of their input and are never touched.
+    A Linear or Conv1d/2d/3d (or a subclass; subclasses are checked against the plain
+    functional form at capture time) is teleportable when its weight is a trainable parameter
+    of its own, not shared with another module and not parametrized (``weight_norm``,
+    ``torch.nn.utils.parametrize``: the stored tensors are not the weight). The projections of
+    ``nn.MultiheadAttention`` come from :func:`teleport_cli.attention.attention_specs`.
+    Every other module that holds parameters (normalisation layers, embeddings, position
+    embeddings, layer scales, ...) is reported as excluded with the reason.
 
     Returns:
-        (layers, excluded): the teleportable layers in module order, and the excluded
-        Linear/Conv2d modules with their reason.
+        (layers, excluded): the teleportable layers in module order as ``(spec, module)``
+        pairs (``module`` is the module to hook and to reach the weight from), and the
+        excluded modules with their reason.
     """
+    from torch.nn.utils import parametrize
+
+    from .attention import attention_specs  # it imports this module: imported here, not at the top
+
     holders: dict[int, dict[int, str]] = {}  # parameter id -> {module id: module name}
     for name, module in model.named_modules(remove_duplicate=False):
         for p in module._parameters.values():
             if p is not None:
                 holders.setdefault(id(p), {}).setdefault(id(module), name)
 
+    def tied(module: nn.Module, p: torch.Tensor | None) -> list[str]:
+        return [n for m, n in holders.get(id(p), {}).items() if m != id(module)] if p is not None else []
+
     layers: list[tuple[LayerSpec, nn.Module]] = []
     excluded: list[Excluded] = []
+    skip: set[int] = set()
     for name, module in model.named_modules():
+        if id(module) in skip:
+            continue
+        att = attention_specs(name, module)
+        if att is not None:
+            skip |= {id(m) for m in module.modules()}
+            for spec, problem in att:
+                p = module.get_parameter(spec.param)
+                reason = problem or _exclusion(module, p, tied(module, p) if spec.param != "out_proj.weight" else tied(module.out_proj, p))
+                if reason:
+                    excluded.append(Excluded(spec.name, spec.kind, reason))
+                else:
+                    layers.append((spec, module))
+            continue
         kind = _kind_of(module)
         if kind is None:
+            if any(p is not None for p in module._parameters.values()):
+                excluded.append(Excluded(name, *_other_reason(module)))
             continue
-        w = module.weight
-        others = [n for m, n in holders.get(id(w), {}).items() if m != id(module)]
-        if others:
-            excluded.append(Excluded(name, kind, "weight is tied to " + ", ".join(others)))
-        elif not w.requires_grad:
-            excluded.append(Excluded(name, kind, "weight is frozen (requires_grad=False)"))
+        if parametrize.is_parametrized(module):  # its ParametrizationList holds the stored tensors
+            skip |= {id(m) for m in module.parametrizations.modules()}
+        if parametrize.is_parametrized(module, "weight"):
+            excluded.append(Excluded(name, kind, "weight is parametrized (weight_norm or torch.nn.utils.parametrize): the stored tensors are not the weight"))
+            continue
+        w = module._parameters.get("weight")
+        reason = _exclusion(module, w, tied(module, w))
+        if reason:
+            excluded.append(Excluded(name, kind, reason))
         else:
             layers.append((spec_of(name, module), module))
     return layers, excluded
 
 
-def _conv_padded_input(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The input padded as the conv pads it, and the padding still to apply (for unfold)."""
+def _conv_padded_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input padded as the conv pads it, and the zero padding still to apply per dim."""
+    nd = len(module.kernel_size)
     if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
     if isinstance(module.padding, str):
         if module.padding == "valid":
-            return x, (0, 0)
+            return x, (0,) * nd
         pads = []  # 'same': torch pads total = d * (k - 1), the left half rounded down
         for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return F.pad(x, pads), (0, 0)
+        return F.pad(x, pads), (0,) * nd
     return x, tuple(module.padding)
 
 
+def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfold an ``(N, C, *spatial)`` input into the patches a Conv1d/2d/3d multiplies.
+
+    Explicit unfolding with ``Tensor.unfold`` per spatial dim (window ``d*(k-1)+1`` at the
+    conv's stride, then every ``d``-th element for the dilation), after the conv's own padding.
+
+    Returns:
+        ``(N * L, C * prod(kernel))`` with columns channel-major, as in ``weight.view(C_out, -1)``.
+    """
+    xp, padding = _conv_padded_input(module, x)
+    nd = len(module.kernel_size)
+    if any(padding):
+        xp = F.pad(xp, [p for p in reversed(padding) for _ in range(2)])
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        xp = xp.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    # (N, C, L_1..L_nd, k_1..k_nd) -> (N, L_1..L_nd, C, k_1..k_nd)
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    n, c = xp.shape[:2]
+    return xp.permute(order).reshape(-1, c * int(torch.tensor(module.kernel_size).prod()))
+
+
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., d)`` -> ``(rows, d)``; a nested tensor (``nn.TransformerEncoder`` with a padding
+    mask in eval mode) gives the rows of its components, without the padding."""
+    if t.is_nested:
+        return torch.cat([c.reshape(-1, c.shape[-1]) for c in t.unbind()])
+    return t.reshape(-1, t.shape[-1])
+
+
 def input_rows(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows of X for one batch of the layer's input.
+    """The rows of X for one batch of a Linear or Conv layer's input.
 
     Args:
-        x: the layer's input; ``(..., d_in)`` for Linear, ``(N, C_in, H, W)`` for Conv2d.
+        x: the layer's input; ``(..., d_in)`` for Linear, ``(N, C_in, *spatial)`` for ConvNd.
 
     Returns:
         ``(groups, rows, d_in)`` in x's dtype.
     """
     if spec.kind == "linear":
-        return x.reshape(1, -1, spec.d_in)
-    xp, padding = _conv_padded_input(module, x)
-    cols = F.unfold(xp, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    n, d, length = cols.shape  # d = C_in * kh * kw, channel-major as in weight.view(C_out, -1)
-    rows = cols.transpose(1, 2).reshape(n * length, spec.groups, spec.d_in)
+        return token_rows(x).unsqueeze(0)
+    if x.dim() == len(module.kernel_size) + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    rows = conv_patches(module, x).reshape(-1, spec.groups, spec.d_in)
     return rows.transpose(0, 1)
 
 
@@ -142,6 +252,7 @@ def weight_blocks(spec: LayerSpec, weight: torch.Tensor) -> torch.Tensor:
 def reference_output(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the layer computes if it is a plain linear map of x with its stored weight and bias."""
     if spec.kind == "linear":
-        return F.linear(x, module.weight, module.bias)
+        return F.linear(token_rows(x) if x.is_nested else x, module.weight, module.bias)
     xp, padding = _conv_padded_input(module, x)
-    return F.conv2d(xp, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
+    conv = CONV_FUNCTIONS[spec.kind]
+    return conv(xp, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)

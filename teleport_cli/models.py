@@ -78,8 +78,8 @@ def model_from_metadata(metadata: dict[str, str], source: str) -> tuple[nn.Modul
     arch = metadata.get("arch")
     if not arch:
         raise InputError(
-            f"{source} has no 'arch' entry in its safetensors metadata, so the model cannot be rebuilt",
-            hint="save it with metadata {'arch': NAME, 'model_kwargs': JSON}",
+            f"{source} does not name its architecture (no 'arch' in its metadata), so the model cannot be rebuilt",
+            hint="pass --model NAME (and --model-kwargs JSON)",
         )
     try:
         kwargs = json.loads(metadata.get("model_kwargs", "{}"))

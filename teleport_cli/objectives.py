@@ -141,8 +141,27 @@ class GradNormObjective:
         """Gradient of the objective with respect to ``wrt`` at the point where ``state`` was taken."""
         return hessian_vector_product(model, batches, loss_fn, params, state.grads, wrt, n)
 
-    def value(self, state: GradientState) -> float:
+    def score(self, model, batches, loss_fn, params, state: GradientState, n: int) -> float:
+        """The objective's value at the point where ``state`` was taken (no extra pass)."""
         return 0.5 * state.grad_norm**2
 
 
-OBJECTIVES = {GradNormObjective.name: GradNormObjective}
+def make_objective(name: str, *, lr: float | None = None, lookahead_steps: int = 1, probes: int = 4, seed: int = 0):
+    """The objective called ``name`` (one of :data:`teleport_cli.config.OBJECTIVES`).
+
+    Raises:
+        ConfigError: unknown name, or ``lookahead`` without a learning rate.
+    """
+    from .errors import ConfigError
+
+    if name == "grad-norm":
+        return GradNormObjective()
+    if name == "lookahead" and lr is not None:
+        from .objective_lookahead import LookaheadObjective
+
+        return LookaheadObjective(lr, lookahead_steps)
+    if name == "trace":
+        from .objective_trace import TraceObjective
+
+        return TraceObjective(probes, seed)
+    raise ConfigError(f"objective {name!r} cannot be built (lookahead needs --lr)", hint="use grad-norm, lookahead with --lr, or trace")

@@ -19,16 +19,20 @@ from torch import nn
 from . import __version__
 from .bases import LayerBasis, layer_basis
 from .capture import capture_grams
-from .checkpoint import check_output_path, save_checkpoint
+from .formats import check_output_for, read_checkpoint, write_checkpoint
 from .config import TeleportConfig
 from .data import TensorData, as_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
-from .inputs import load_inputs
-from .models import resolve_device
-from .objectives import LOSS_FUNCTIONS
+from .factories import choose_model
+from .inputs import load_data_inputs
+from .models import load_strict, resolve_device
+from .objectives import LOSS_FUNCTIONS, make_objective
+from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
+from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
+from .training_state import FileOptions, assemble, model_state, moved_keys, moved_stored, plan
 from .verify import compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
@@ -41,11 +45,16 @@ class TeleportOutcome:
 
     Attributes:
         model: the teleported copy of the model (eval mode, same device).
-        layers: one summary per Linear/Conv2d layer, teleported or not (with the reason).
+        layers: one summary per layer, teleported or not (with the reason), then every other
+            module that holds parameters (excluded, with the reason).
         stats: what the ascent loop did.
         verification: calibration and held-out checks against the original.
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
         calibration_sha256: hash of the calibration samples actually used.
+        stability: with ``config.lr``: top Hessian eigenvalues before and after against the
+            SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
+        lookahead_lr: the learning rate of the look-ahead's virtual steps (``config.lr``, or
+            ``1 / lambda_max`` of the calibration loss), None for other objectives.
     """
 
     model: nn.Module
@@ -55,6 +64,8 @@ class TeleportOutcome:
     verification: Verification
     holdout_indices: list[int] | None
     calibration_sha256: str
+    stability: dict | None = None
+    lookahead_lr: float | None = None
 
     @property
     def verified(self) -> bool:
@@ -62,30 +73,6 @@ class TeleportOutcome:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def _summaries(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...]:
-    out = []
-    for spec, _ in layers:
-        acc = accs[spec.name]
-        basis = bases.get(spec.name)
-        reason = ""
-        if acc.calls == 0:
-            reason = "never called on the calibration set (dead branch)"
-        elif not acc.plain:
-            reason = f"output is not F.linear/F.conv2d of its input and weight (relative error {acc.plain_error:.2g})"
-        elif basis is not None and basis.null_dim == 0:
-            reason = "null space is empty at this tau"
-        out.append(
-            LayerSummary(
-                spec.name, spec.kind, spec.d_in, spec.d_out, spec.groups, acc.rows,
-                basis.rank if basis else 0, basis.null_dim if basis else 0,
-                not reason, reason, changes.get(spec.name, 0.0),
-            )
-        )
-    for ex in excluded:
-        out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
-    return tuple(out)
 
 
 def teleport(
@@ -152,13 +139,36 @@ def teleport(
         def stepped(step: int, record) -> None:
             event("teleport", step, config.steps)
 
-        stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, on_step=stepped)
-        changes = relative_changes(moved, model, [s.name for s, _ in layers])
+        lookahead_lr = config.lr
+        if config.method != "nullspace":  # baselines: gradient-norm ascent on the level set without null spaces
+            from .levelset import levelset_teleport
+
+            if config.method == "symmetry":
+                from .symmetry import symmetry_teleport as move
+            else:
+                move = levelset_teleport
+            stats = move(moved, cal_batches, config, loss_fn, noise_floor=floor, on_step=stepped)
+        else:
+            if config.objective == "lookahead" and lookahead_lr is None:
+                from .geometry import top_eigenvalue
+
+                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, cal_batches, loss_fn, seed=config.seed)), 1e-12)
+            objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+            stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
+        changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2)
         check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2)
+        stable = None
+        if config.lr is not None:
+            from .geometry import stability_check, top_eigenvalue
+
+            event("stability", 0, 2)
+            tops = [top_eigenvalue(m, cal_batches, loss_fn, seed=config.seed) for m in (model, moved)]
+            stable = stability_check(tops[0], tops[1], config.lr, config.momentum)
+            event("stability", 2, 2)
         return TeleportOutcome(
             moved,
             _summaries(layers, excluded, accs, bases, changes),
@@ -167,6 +177,8 @@ def teleport(
             Verification(check_cal, check_hold, floor),
             indices,
             cal.sha256(),
+            stable,
+            lookahead_lr if config.objective == "lookahead" and config.method == "nullspace" else None,
         )
     finally:
         model.train(was_training)
@@ -181,6 +193,7 @@ class ApplyResult:
     seconds: float
     arch: str
     source: str
+    files: dict | None = None  # container, which weights moved, EMA/optimizer, storage-dtype check
 
     def to_dict(self) -> dict:
         """The JSON document of ``teleport apply --json``."""
@@ -212,11 +225,17 @@ class ApplyResult:
             "steps_accepted": o.stats.steps_accepted,
             "steps_rejected": o.stats.steps_rejected,
             "stop_reason": o.stats.stop_reason,
+            "objective": o.stats.objective,
+            "objective_before": o.stats.objective_before,
+            "objective_after": o.stats.objective_after,
+            "lookahead_lr": o.lookahead_lr,
             "noise_floor": v.noise_floor,
+            "stability": o.stability,
             "calibration": set_dict(v.calibration),
             "holdout": set_dict(v.holdout),
             "holdout_source": "split" if o.holdout_indices is not None else "file",
             "layers": [l.to_dict() for l in o.layers],
+            **({"checkpoint": self.files} if self.files is not None else {}),
         }
 
 
@@ -235,17 +254,24 @@ def apply(
     holdout: str | Path | None = None,
     force: bool = False,
     on_event: Progress | None = None,
-    model: str | None = None,
+    files: FileOptions | None = None,
+    module: nn.Module | None = None,
+    model_spec: str | None = None,
     model_kwargs: str | dict | None = None,
     samples: int | None = None,
     loss_from_checkpoint: bool = False,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
 
-    ``model``/``model_kwargs`` override the metadata's architecture (``--model``,
-    ``--model-kwargs``); ``samples`` keeps a seeded choice of calibration samples
-    (``--samples``, seeded by ``config.seed``); with ``loss_from_checkpoint`` the checkpoint's
-    ``loss`` metadata (if any) replaces ``config.loss``. Data kinds: :mod:`teleport_cli.data_sources`.
+    The output is written in the input's container (see :mod:`teleport_cli.formats`); ``files``
+    chooses the weights to move and what happens to EMA weights and optimizer state
+    (:mod:`teleport_cli.training_state`). ``module``: an instance of the architecture, for
+    checkpoints whose metadata does not name one (its weights are replaced by the checkpoint's).
+    ``model_spec``/``model_kwargs`` override the metadata's architecture (``--model``,
+    ``--model-kwargs``; :mod:`teleport_cli.factories`); ``samples`` keeps a seeded choice of
+    calibration samples (``--samples``, seeded by ``config.seed``); with ``loss_from_checkpoint``
+    the checkpoint's ``loss`` metadata (if any) replaces ``config.loss``. Data kinds:
+    :mod:`teleport_cli.data_sources`.
 
     Raises:
         InputError (exit 3): unreadable or unfit inputs.
@@ -255,13 +281,21 @@ def apply(
     """
     start = time.perf_counter()
     config = config or TeleportConfig()
-    inputs = load_inputs(checkpoint, data, holdout, model=model, model_kwargs=model_kwargs, samples=samples, seed=config.seed)
+    files = files or FileOptions()
+    ckpt = read_checkpoint(checkpoint, trust_pickle=files.trust_pickle)
+    weights = plan(ckpt, files)
+    if module is None:
+        choice = choose_model(ckpt.metadata, str(checkpoint), model_spec, model_kwargs)
+        model, arch, kwargs, origin = choice.model, choice.arch, choice.kwargs, choice.origin
+    else:  # arch and kwargs are recorded only if the file named them
+        model, arch, kwargs, origin = module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs"), "module"
+    load_strict(model, model_state(weights, model), str(checkpoint))
+    inputs = load_data_inputs(ckpt.metadata, str(checkpoint), data, holdout, model, samples=samples, seed=config.seed)
     if loss_from_checkpoint and inputs.loss is not None:
         config = config.replace(loss=inputs.loss)
-    ckpt, model, arch, kwargs = inputs.checkpoint, inputs.model.model, inputs.model.arch, inputs.model.kwargs
     cal = inputs.calibration.data
     hold = inputs.holdout.data if inputs.holdout is not None else None
-    out = check_output_path(output, [checkpoint, data, holdout], force)
+    out = check_output_for(ckpt, output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
@@ -280,12 +314,18 @@ def apply(
             hint="raise --tau, lower --step-size or --steps, or use a larger calibration set",
             result=result,
         )
+    new_state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    moved = moved_keys(model.state_dict(), new_state)
+    sets, entries, actions = assemble(weights, new_state, moved)
+    storage = verify_storage(model, outcome.model, moved_stored(weights, sets, moved), cal, hold, config, outcome.verification.noise_floor)
+    result.files = {**actions, "storage": storage}
+    if not storage["passed"]:
+        raise storage_failure(storage, result)
     metadata = dict(ckpt.metadata)
     metadata.update(
         {
             "format": "pt",
-            "arch": arch,
-            "model_kwargs": json.dumps(kwargs),
+            **({"arch": arch, "model_kwargs": kwargs if isinstance(kwargs, str) else json.dumps(kwargs)} if arch else {}),
             "teleport": json.dumps(config.to_dict()),
             "teleport_stats": json.dumps(outcome.stats.to_dict()),
             "verification": json.dumps(outcome.verification.to_dict()),
@@ -298,14 +338,14 @@ def apply(
             "source_file": Path(checkpoint).name,
             "source_sha256": ckpt.sha256,
             "versions": json.dumps(_versions()),
+            "checkpoint": json.dumps(result.files),
             "loss": config.loss,
-            "model_origin": inputs.model.origin,
+            "model_origin": origin,
             "calibration_data": json.dumps(inputs.calibration.record()),
         }
     )
     metadata.setdefault("data_config", json.dumps({}))
-    state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
-    save_checkpoint(out, state, metadata)
+    write_checkpoint(ckpt, out, sets, entries, metadata)
     result.output = str(out)
     result.seconds = time.perf_counter() - start
     return result

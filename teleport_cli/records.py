@@ -25,7 +25,9 @@ class LayerSummary:
 
     Attributes:
         name: qualified module name in the model (``fc1``, ``stages.0.conv``).
-        kind: ``linear`` or ``conv2d``.
+        kind: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``mha_in_proj``/``mha_out_proj``
+            (and ``mha_q_proj``... for separate weights), or for an excluded module ``norm``,
+            ``embedding`` or its lowercased class name.
         d_in: input dimension of one group's rows (``C_in/groups * kh * kw`` for a conv).
         d_out: output dimension of one group (``C_out/groups`` for a conv).
         groups: number of independent weight blocks (conv groups; 1 for Linear).
@@ -91,6 +93,9 @@ class TeleportStats:
     stop_reason: str
     seconds: float
     history: tuple[StepRecord, ...] = field(default_factory=tuple)
+    objective: str = "grad-norm"
+    objective_before: float | None = None
+    objective_after: float | None = None
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -106,6 +111,9 @@ class TeleportStats:
             "steps_accepted": self.steps_accepted,
             "steps_rejected": self.steps_rejected,
             "stop_reason": self.stop_reason,
+            "objective": self.objective,
+            "objective_before": _finite(self.objective_before),
+            "objective_after": _finite(self.objective_after),
             "seconds": self.seconds,
             "history": [h.to_dict() for h in self.history],
         }

@@ -24,7 +24,7 @@ from torch import nn
 
 from .bases import LayerBasis
 from .config import TeleportConfig
-from .layers import LayerSpec, weight_blocks
+from .layers import LayerSpec, layer_weight, weight_blocks
 from .objectives import Batches, GradientState, GradNormObjective, full_gradient
 from .records import StepRecord, TeleportStats
 
@@ -98,13 +98,15 @@ def ascend(
     objective = objective or GradNormObjective()
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
-    wrt = [module.weight for _, module in moving]
+    wrt = [layer_weight(spec, module) for spec, module in moving]
     n = sum(int(x.shape[0]) for x, _ in batches)
 
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
+    score = objective.score(model, batches, loss_fn, params, state, n) if moving else 0.0
+    score0 = score
     if not moving:
-        return TeleportStats(loss0, loss0, gnorm0, gnorm0, 0, 0, "no_freedom", time.perf_counter() - start)
+        return TeleportStats(loss0, loss0, gnorm0, gnorm0, 0, 0, "no_freedom", time.perf_counter() - start, (), objective.name)
 
     w0 = [w.detach().clone() for w in wrt]
     w0_norms = [float(w.double().norm()) for w in w0]
@@ -134,9 +136,10 @@ def ascend(
                         new = base + (new - base) * (config.max_step * base_norm / moved)
                     w.copy_(new)
             cand = full_gradient(model, batches, loss_fn, params, n)
-            improved = objective.sign * (objective.value(cand) - objective.value(state)) > 0
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and improved:
-                break
+            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor):
+                cand_score = objective.score(model, batches, loss_fn, params, cand, n)
+                if objective.sign * (cand_score - score) > 0:
+                    break
             rejected += 1
             backtracks += 1
             if on_step is not None:
@@ -150,7 +153,7 @@ def ascend(
         if backtracks > config.max_backtracks:
             stop = "backtracking"
             break
-        state = cand
+        state, score = cand, cand_score
         accepted += 1
         record = StepRecord(accepted, eta, cand.loss, cand.grad_norm, backtracks)
         history.append(record)
@@ -160,17 +163,17 @@ def ascend(
             stop = "target_ratio"
             break
     return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start, tuple(history)
+        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start, tuple(history),
+        objective.name, score0, score,
     )
 
 
-def relative_changes(model: nn.Module, original: nn.Module, names: list[str]) -> dict[str, float]:
-    """``||W - W0||_F / ||W0||_F`` for each named layer of two models of the same architecture."""
-    new = dict(model.named_modules())
-    old = dict(original.named_modules())
+def relative_changes(model: nn.Module, original: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:
+    """``||W - W0||_F / ||W0||_F`` for each layer of two models of the same architecture (by spec name)."""
     out = {}
-    for name in names:
-        w, w0 = new[name].weight.detach().double(), old[name].weight.detach().double()
+    for spec in specs:
+        w = model.get_parameter(spec.weight_key).detach().double()
+        w0 = original.get_parameter(spec.weight_key).detach().double()
         denom = float(w0.norm())
-        out[name] = float((w - w0).norm()) / denom if denom > 0 else 0.0
+        out[spec.name] = float((w - w0).norm()) / denom if denom > 0 else 0.0
     return out

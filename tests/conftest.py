@@ -16,3 +16,10 @@ def _seed():
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run far faster on one thread (and CI machines have 2 cores)."""
+    torch.set_num_threads(1)
+    yield

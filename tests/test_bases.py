@@ -62,3 +62,26 @@ def test_both_basis_storage_modes_project_identically():
         n = v[:, mask]
         g = torch.randn(5, 10, dtype=torch.float64)
         assert torch.allclose(basis.project(g[None])[0], g @ n @ n.T, atol=1e-12)
+
+
+def test_eigh_fallback_agrees_with_the_direct_decomposition(monkeypatch):
+    """When LAPACK's eigh fails to converge, the scaled retry gives the same spectrum."""
+    from teleport_cli import bases
+
+    x = _rows(40, 30, 12, 7)
+    a = x.T @ x
+    s_ref, _ = torch.linalg.eigh(a)
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    s, v = bases.symmetric_eigh(a)
+    assert len(calls) == 2
+    assert torch.allclose(s, s_ref, rtol=1e-10, atol=1e-9)
+    assert torch.allclose(v @ torch.diag(s) @ v.T, a, atol=1e-8)

@@ -192,3 +192,16 @@ def test_default_holdout_is_a_seeded_split_recorded_in_the_output(files):
         hold = json.loads(f.metadata()["holdout"])
     idx = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:51].sort().values.tolist()
     assert hold["indices"] == idx and hold["seed"] == 3
+
+
+def test_module_entry_point_separates_stdout_and_stderr(files, tmp_path):
+    """A real process: ``python -m teleport_cli``; a user mistake is one stderr line, exit 3."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "teleport_cli", "apply", str(files / "missing.safetensors"),
+                        "--data", str(files / "digits_calibration.safetensors"), "-o", str(tmp_path / "o.safetensors")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3
+    assert p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr

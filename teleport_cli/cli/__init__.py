@@ -28,8 +28,14 @@ def cli() -> None:
 
 
 from .apply import apply  # noqa: E402
+from .bench import bench  # noqa: E402
+from .inspect import inspect  # noqa: E402
+from .report import report  # noqa: E402
 
 cli.add_command(apply)
+cli.add_command(inspect)
+cli.add_command(report)
+cli.add_command(bench)
 
 
 def main() -> None:

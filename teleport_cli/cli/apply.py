@@ -7,8 +7,9 @@ import json
 import click
 from rich.table import Table
 
-from ..config import DEVICES, LOSSES, TeleportConfig
+from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
+from ..training_state import WEIGHT_CHOICES, FileOptions
 from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
 
 D = TeleportConfig()
@@ -48,9 +49,9 @@ def _layer_table(layers: list[dict]) -> Table:
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--data", "data", required=True, type=click.Path(), help="Calibration set: tensor file, token file, text file or image folder (see README).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.safetensors); never an input.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint, same container as the input (file or folder); never an input.")
 @click.option("--holdout", type=click.Path(), default=None, help="Held-out set (same kinds as --data); default: a seeded 20% of --data.")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--steps", type=int, default=D.steps, show_default=True, help="Maximum accepted ascent steps.")
@@ -59,37 +60,79 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tolerance", type=float, default=D.tolerance, show_default=True, help="Allowed relative calibration-loss drift.")
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
+@click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True,
+              help="nullspace: this tool; levelset / symmetry: baselines (gradient-norm ascent on the level set without null spaces).")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
+              help="lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; grad-norm: raise 1/2||g||^2 (the paper's); trace: lower Hutchinson's tr(H).")
+@click.option("--lr", type=float, default=None, help="SGD learning rate training resumes with: the look-ahead's virtual step (default 1/top Hessian eigenvalue) and the stability check.")
+@click.option("--momentum", type=float, default=0.0, show_default=True, help="Heavy-ball momentum training resumes with (stability edge 2(1+momentum)/lr).")
+@click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
+@click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")
+@click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")
-@click.option("--model", "model_name", default=None, help="Architecture: a timm or built-in name, or package.module:factory (imports it); default: the checkpoint's metadata.")
+@click.option("--model", "model_spec", default=None, help="Architecture: a timm or built-in name, or package.module:factory (imports it); default: the checkpoint's metadata.")
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the architecture; replaces the metadata's.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded (--seed) random choice of this many calibration samples.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--force", is_flag=True, help="Replace an existing output file or folder (atomically).")
+@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default="state_dict", show_default=True, help="Which weights of a training checkpoint to teleport.")
+@click.option("--keep-ema", is_flag=True, help="Leave EMA weights untouched (default: re-seed them with the teleported weights).")
+@click.option("--keep-optimizer-state", is_flag=True, help="Keep the optimizer state (default: drop it, it describes the old weights).")
+@click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
-          batch_size, seed, device, loss, model_name, model_kwargs, samples, force, as_json, quiet) -> None:
+          method, objective, lr, momentum, lookahead_steps, probes, tangent, batch_size, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
 
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, batch_size=batch_size,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
+            tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss or D.loss,
         )
+        files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
+        inputs = [checkpoint, data, holdout, output]
+        if report_out is not None:
+            from ..report_html import check_html_path  # matplotlib: imported only when a page is asked for
+
+            check_html_path(report_out, inputs)
         with progress_events(not quiet) as on_event:
-            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event,
-                               model=model_name, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
+            result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files,
+                               model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
     except (VerificationFailed, NoStepAccepted) as e:
         if e.result is not None:
-            _render(e.result.to_dict(), as_json, quiet)
+            doc = e.result.to_dict()
+            try:
+                doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs)
+            except TeleportError as e2:
+                fail(e2)
+            _render(doc, as_json, quiet)
         fail(e)
     except TeleportError as e:
         fail(e)
-    _render(result.to_dict(), as_json, quiet)
+    doc = result.to_dict()
+    try:
+        doc["report"] = _write_report(report_out, result, data, holdout, config, inputs)
+    except TeleportError as e:
+        fail(e)
+    _render(doc, as_json, quiet)
+
+
+def _write_report(path, result, data, holdout, config, inputs) -> str | None:
+    """The `teleport report` page of this teleport (source vs teleported model), or None without --report."""
+    if path is None:
+        return None
+    from ..report import report_for_apply
+    from ..report_html import render, write_html
+
+    return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
 
 
 def _render(doc: dict, as_json: bool, quiet: bool) -> None:
@@ -102,9 +145,44 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
             f"(×{doc['grad_norm_ratio']:.3g}) in {doc['steps_accepted']} steps ({doc['stop_reason']}), {doc['seconds']:.1f} s",
             highlight=False,
         )
+        _checkpoint_notes(err, doc.get("checkpoint"))
+        st = doc.get("stability")
+        if st is not None:
+            line = (f"top Hessian eigenvalue {st['top_eigenvalue_before']:.4g} → {st['top_eigenvalue_after']:.4g}; "
+                    f"SGD edge 2(1+momentum)/lr = {st['edge']:.4g}")
+            if st["unstable_after"]:
+                err.print(f"[bold yellow]warning:[/] {line}: SGD at lr {st['lr']:g} is expected to diverge from the teleported weights "
+                          "(lower --lr, use --objective lookahead or trace, or fewer --steps)", highlight=False)
+            else:
+                err.print(line + " (stable)", highlight=False)
         if doc["output"]:
             err.print(f"wrote {doc['output']}", highlight=False)
+        if doc.get("report"):
+            err.print(f"wrote {doc['report']}", highlight=False)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif doc["output"]:
         click.echo(doc["output"])
+
+
+def _checkpoint_notes(err, info: dict | None) -> None:
+    """Which weights moved, what became of EMA and optimizer state, the storage-dtype check."""
+    if not info:
+        return
+    err.print(f"{info['container']} checkpoint: teleported {info['weights_moved']}", highlight=False)
+    for key in ("ema", "optimizer"):
+        if info[key] != "none":
+            err.print(f"  {key}: {info[key]}", highlight=False)
+    st = info["storage"]
+    if st.get("cast"):
+        t = Table(title=f"after casting back to {'/'.join(st['dtypes'])} (as written)", title_justify="left")
+        for col in ("", "loss after cast", "drift", "max |Δlogit|", "rounding floor: loss", "rounding floor: |Δlogit|", "gate"):
+            t.add_column(col, justify="left" if not col else "right")
+        for name in ("calibration", "holdout"):
+            c = st[name]
+            t.add_row(
+                name, f"{c['loss_after_cast']:.6f}", f"{c['relative_loss_drift']:.2e}", f"{c['max_abs_logit_diff']:.3g}",
+                f"{c['rounding_floor_loss']:.2e}", f"{c['rounding_floor_max_abs_logit_diff']:.3g}",
+                "[green]pass[/]" if c["passed"] else "[red]FAIL[/]",
+            )
+        err.print(t)

@@ -16,10 +16,13 @@ Exit codes:
   0  success
   1  internal error (a bug; please report it)
   2  usage error (bad flag or value)
-  3  bad input (missing/unreadable/malformed checkpoint or data, data that do not fit)
-  4  verification failed (loss changed beyond tolerance; nothing written)
+  3  bad input (missing/truncated/corrupted checkpoint or data, shard index and shards disagree,
+     pickle needing code (see --trust-pickle), NaN/Inf, keys/shapes/data that do not fit)
+  4  verification failed (loss changed beyond tolerance, also after casting back to
+     float16/bfloat16; nothing written)
   5  no teleport step accepted (nothing written)
-  6  output refused (exists without --force, is an input, folder missing or not writable)
+  6  output refused (exists without --force, is or holds an input, another container,
+     folder missing or not writable, write failed)
 """
 
 

@@ -1,0 +1,128 @@
+"""Rerun the whole resumed-training benchmark on the shipped checkpoints and write docs/benchmarks.md.
+
+Every cell (checkpoint x optimizer) runs `teleport bench` through the library with fixed K and
+seeds, and is cached in bench/results/cells/ as JSON: rerunning skips finished cells, so an
+interrupted run resumes where it stopped. Never runs in CI (tests/test_bench.py is the smoke
+version). From the repository root::
+
+    .venv/bin/python bench/run_all.py            # all cells, then docs/benchmarks.md
+    .venv/bin/python bench/run_all.py --only mlp # one checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from teleport_cli import TeleportConfig
+from teleport_cli.bench import BenchSettings, run_bench
+from teleport_cli.bench_plots import plot_curves
+from teleport_cli.checkpoint import load_checkpoint
+from teleport_cli.data import load_tensor_data
+from teleport_cli.models import load_strict, model_from_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+S = ROOT / "sample_checkpoints"
+CELLS = ROOT / "bench" / "results" / "cells"
+DOCS = ROOT / "docs"
+SEEDS = (0, 1, 2)
+OPTIMIZERS = ("sgd", "momentum", "adam")
+LR = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
+
+# name -> (checkpoint, training set, held-out set, K)
+GRID = {
+    "mlp": ("mlp_digits_mid.safetensors", "digits_train.safetensors", "digits_holdout.safetensors", 200),
+}
+
+
+def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
+    path = CELLS / f"{name}__{optimizer}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    ckpt_file, train_file, hold_file, k = GRID[name]
+    ck = load_checkpoint(S / ckpt_file)
+    model, _, _ = model_from_metadata(ck.metadata, ck.path)
+    load_strict(model, ck.state_dict, ck.path)
+    train = load_tensor_data(S / train_file)
+    hold = load_tensor_data(S / hold_file)
+    settings = BenchSettings(optimizer=optimizer, lr=LR[optimizer], steps=k, seeds=SEEDS, holdout_every=max(1, k // 20))
+    start = time.perf_counter()
+    # the look-ahead's virtual steps are SGD steps: Adam's lr is no SGD step size, so 1/lambda_max is used
+    doc = run_bench(model, train, hold, config.replace(lr=None if optimizer == "adam" else LR[optimizer]), settings)
+    doc["wall_seconds"] = time.perf_counter() - start
+    doc["checkpoint"] = ckpt_file
+    CELLS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return doc
+
+
+def fmt(mean, std=None, digits=3):
+    if mean is None:
+        return "never"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: str) -> None:
+    lines = [
+        "# Resumed-training benchmark",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+        f"Seeds {list(SEEDS)}; every variant resumes with the same seed and batch order. Total run time of the "
+        f"cells computed in the last run: {seconds / 60:.1f} min. Command: `{command}`.",
+        "",
+        "Columns: final training loss = mean over the last 10% of the K steps (mean ± std over seeds); "
+        "steps→target = steps until the variant's curve (same 10% trailing mean) first reaches the original's final "
+        "loss, divided by K (< 1 is faster; mean over seeds, 'never' if a seed never reached it); net = steps→target "
+        "plus the teleport's wall-clock in equivalent training steps, divided by K.",
+        "",
+    ]
+    for (name, opt), doc in cells.items():
+        s = doc["settings"]
+        lines += [f"## {name}, {opt} (lr {s['lr']:g}, K = {s['steps']}, batch {s['batch_size']})", ""]
+        lines += ["| variant | final training loss | held-out loss | steps→target | per seed | teleport s | ≈ steps | net | grad-norm × |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for variant, v in doc["variants"].items():
+            per = v.get("steps_to_target_ratio_per_seed")
+            gn = v.get("grad_norm_ratio")
+            lines.append(
+                f"| {variant} | {fmt(v['final_loss_mean'], v['final_loss_std'], 4)} | {fmt(v['holdout_final_mean'], v['holdout_final_std'], 4)} | "
+                f"{'1' if variant == 'original' else fmt(v.get('steps_to_target_ratio'))} | "
+                f"{'' if per is None else ', '.join('never' if p is None else f'{p:.2f}' for p in per)} | "
+                f"{v['teleport_seconds']:.2f} | {v['teleport_equivalent_steps']:.0f} | "
+                f"{'1' if variant == 'original' else fmt(v.get('net_ratio'))} | "
+                f"{'' if gn is None else f'{gn:.2f}'} |"
+            )
+        lines += ["", f"![training loss, {name} {opt}](bench/{name}__{opt}__train_loss.png)", ""]
+    (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    config = TeleportConfig()
+    start = time.perf_counter()
+    cells = {}
+    for name in GRID:
+        if args.only and name not in args.only:
+            continue
+        for opt in OPTIMIZERS:
+            doc = run_cell(name, opt, config)
+            cells[(name, opt)] = doc
+            tmp = DOCS / "bench" / "tmp"
+            for p in plot_curves(doc, tmp, title=f"{name}, {opt}"):
+                p.replace(DOCS / "bench" / f"{name}__{opt}__{p.name}")
+            tmp.rmdir()
+            print(name, opt, {k: v.get("steps_to_target_ratio") for k, v in doc["variants"].items()}, flush=True)
+    write_markdown(cells, time.perf_counter() - start, "bench/run_all.py" + (" --only " + " ".join(args.only) if args.only else ""))
+
+
+if __name__ == "__main__":
+    main()

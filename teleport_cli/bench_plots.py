@@ -1,0 +1,49 @@
+"""PNG plots of a benchmark document: smoothed training-loss and held-out-loss curves per variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .bench import smoothed  # noqa: E402
+
+
+def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write ``train_loss.png`` and ``holdout_loss.png`` into ``out_dir``; return their paths.
+
+    Training curves are the mean over seeds, smoothed with the benchmark's trailing window.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    w = doc["settings"]["window"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in doc["variants"].items():
+        curve = smoothed(v["train_curve_mean"], w)
+        ax.plot(range(w, w + len(curve)), curve, label=name)
+    ax.set_xlabel("resumed training step")
+    ax.set_ylabel(f"training loss (mean of last {w} steps)")
+    ax.set_title(title or "training loss after teleport")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "train_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in doc["variants"].items():
+        steps, losses = zip(*v["holdout_curve_mean"])
+        ax.plot(steps, losses, marker=".", label=name)
+    ax.set_xlabel("resumed training step")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title or "held-out loss after teleport")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "holdout_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

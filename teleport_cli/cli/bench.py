@@ -1,0 +1,101 @@
+"""``teleport bench``: resume training from the original and from teleported variants, compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..bench import OPTIMIZERS, VARIANTS, BenchSettings
+from ..config import DEVICES, OBJECTIVES, TeleportConfig
+from ..errors import OutputError, TeleportError
+from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
+
+D = TeleportConfig()
+
+
+def _table(doc: dict) -> Table:
+    s = doc["settings"]
+    t = Table(title=f"teleport bench: {s['optimizer']} lr {s['lr']:g}, K={s['steps']}, seeds {s['seeds']}", title_justify="left")
+    for col in ("variant", "final loss", "held-out", "steps→target / K", "teleport s", "≈ steps", "net ratio", "grad-norm ×"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+
+    def f(x, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for name, v in doc["variants"].items():
+        t.add_row(
+            name,
+            f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}",
+            f"{v['holdout_final_mean']:.4f} ± {v['holdout_final_std']:.4f}",
+            f(v.get("steps_to_target_ratio")) if name != "original" else "1",
+            f(v["teleport_seconds"], "{:.2f}"),
+            f(v["teleport_equivalent_steps"], "{:.0f}"),
+            f(v.get("net_ratio")) if name != "original" else "1",
+            f(v.get("grad_norm_ratio"), "{:.2f}"),
+        )
+    return t
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data", "train_path", required=True, type=click.Path(dir_okay=False), help="Training set (.safetensors); the calibration subset is drawn from it.")
+@click.option("--holdout", required=True, type=click.Path(dir_okay=False), help="Held-out set (.safetensors).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True, help="sgd, momentum (SGD with 0.9) or adam.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 0.05 sgd, 0.01 momentum, 1e-3 adam).")
+@click.option("--steps", "k", type=int, default=100, show_default=True, help="Resumed training steps K.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds (0 .. S-1): batch orders shared by all variants.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Training batch size.")
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of: " + ", ".join(VARIANTS) + ".")
+@click.option("--period", type=int, default=25, show_default=True, help="Steps between teleports of the periodic variant.")
+@click.option("--calibration-samples", type=int, default=256, show_default=True, help="Training samples drawn (seeded) as calibration set.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True, help="Teleport objective.")
+@click.option("--tau", type=float, default=D.tau, show_default=True)
+@click.option("--teleport-steps", type=int, default=D.steps, show_default=True, help="Accepted steps of each teleport.")
+@click.option("--step-size", type=float, default=D.step_size, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
+          objective, tau, teleport_steps, step_size, device, out_dir, as_json) -> None:
+    """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
+    from ..bench import run_bench
+    from ..checkpoint import load_checkpoint
+    from ..data import load_tensor_data
+    from ..models import load_strict, model_from_metadata, resolve_device
+
+    try:
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown or "original" not in chosen:
+            raise click.BadParameter(f"unknown {unknown}" if unknown else "must include 'original'", param_hint="--variants")
+        if k < 10 or seeds < 1 or batch_size < 1 or period < 1:
+            raise click.BadParameter("--steps >= 10, --seeds >= 1, --batch-size >= 1, --period >= 1")
+        config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective,
+                                lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
+        settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
+        ckpt = load_checkpoint(checkpoint)
+        model, _, _ = model_from_metadata(ckpt.metadata, checkpoint)
+        load_strict(model, ckpt.state_dict, checkpoint)
+        model.to(resolve_device(device))
+        train = load_tensor_data(train_path, what="training")
+        hold = load_tensor_data(holdout, what="held-out")
+        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise OutputError(f"--out {out_dir} is a file", hint="pass a folder")
+        with progress_events(True) as on_event:
+            doc = run_bench(model, train, hold, config, settings, on_event)
+    except TeleportError as e:
+        fail(e)
+    doc["checkpoint"] = str(checkpoint)
+    if out_dir is not None:
+        from ..bench_plots import plot_curves
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name)]
+        (out / "bench.json").write_text(json.dumps(doc, indent=1))
+    stderr_console().print(_table(doc))
+    if as_json:
+        click.echo(json.dumps(doc))

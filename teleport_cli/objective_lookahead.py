@@ -1,0 +1,72 @@
+"""The look-ahead objective: the calibration loss after k virtual SGD steps at the resume lr.
+
+``F(theta) = L(theta_k)`` with ``theta_{i+1} = theta_i - lr * grad L(theta_i)``, minimised on the
+level set (design notes, Sec. 4; not in arXiv:2502.11362). Since ``L(theta)`` is fixed on the level
+set, for k = 1 this maximises ``lr ||g||^2 - lr^2/2 g^T H g`` to second order: it rewards gradient
+norm and penalises curvature along g at once.
+
+Its gradient is backpropagated through the virtual steps:
+``v_k = grad L(theta_k)``, then ``v_i = v_{i+1} - lr * H(theta_i) v_{i+1}`` for i = k-1 .. 0,
+each ``H v`` a streaming Hessian-vector product over the whole calibration set. Cost per
+evaluation: k + 1 gradient passes and k Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .objectives import GradientState, full_gradient, hessian_vector_product
+
+
+class LookaheadObjective:
+    """Minimise the calibration loss after ``steps`` virtual SGD steps at learning rate ``lr``."""
+
+    name = "lookahead"
+    sign = -1.0
+
+    def __init__(self, lr: float, steps: int = 1) -> None:
+        self.lr = float(lr)
+        self.steps = int(steps)
+        self._cache: tuple[GradientState, list[GradientState]] | None = None
+
+    def _trajectory(self, model, batches, loss_fn, params, state: GradientState, n: int) -> list[GradientState]:
+        """Gradient states at theta_0 .. theta_k (the parameters are restored afterwards)."""
+        if self._cache is not None and self._cache[0] is state:
+            return self._cache[1]
+        origin = [p.detach().clone() for p in params]
+        states = [state]
+        try:
+            for _ in range(self.steps):
+                with torch.no_grad():
+                    for p, g in zip(params, states[-1].grads):
+                        p.sub_(self.lr * g)
+                states.append(full_gradient(model, batches, loss_fn, params, n))
+        finally:
+            with torch.no_grad():
+                for p, o in zip(params, origin):
+                    p.copy_(o)
+        self._cache = (state, states)
+        return states
+
+    def score(self, model, batches, loss_fn, params, state: GradientState, n: int) -> float:
+        """``L(theta_k)``: mean calibration loss after the virtual steps (nats)."""
+        return self._trajectory(model, batches, loss_fn, params, state, n)[-1].loss
+
+    def direction(self, model, batches, loss_fn, params, wrt, state: GradientState, n: int) -> list[torch.Tensor]:
+        """``d L(theta_k) / d wrt`` by reverse accumulation through the virtual steps."""
+        states = self._trajectory(model, batches, loss_fn, params, state, n)
+        origin = [p.detach().clone() for p in params]
+        v = [g.clone() for g in states[-1].grads]
+        try:
+            for i in reversed(range(self.steps)):
+                with torch.no_grad():  # move to theta_i = theta_0 - lr * sum_{j<i} g_j
+                    for j, p in enumerate(params):
+                        p.copy_(origin[j] - self.lr * sum(states[t].grads[j] for t in range(i)) if i else origin[j])
+                hv = hessian_vector_product(model, batches, loss_fn, params, v, params, n)
+                v = [a - self.lr * b for a, b in zip(v, hv)]
+        finally:
+            with torch.no_grad():
+                for p, o in zip(params, origin):
+                    p.copy_(o)
+        index = {id(p): i for i, p in enumerate(params)}
+        return [v[index[id(w)]] for w in wrt]

@@ -1,0 +1,105 @@
+"""What ``teleport report`` runs: files in, an :class:`~teleport_cli.audit.Audit` out.
+
+Also builds the audit of a teleport that ``teleport apply --report`` has just done, on exactly
+the calibration and held-out samples that the teleport used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .audit import Audit, AuditSettings, audit_models
+from .checkpoint import load_checkpoint
+from .config import TeleportConfig
+from .data import load_tensor_data, split_holdout
+from .errors import InputError
+from .models import load_strict, model_from_metadata, resolve_device
+
+
+def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
+    try:
+        return metadata.get("arch"), json.loads(metadata.get("model_kwargs", "{}"))
+    except json.JSONDecodeError:
+        return metadata.get("arch"), {}
+
+
+def load_pair(a_path: str | Path, b_path: str | Path | None) -> tuple[nn.Module, nn.Module | None, str]:
+    """Rebuild checkpoint A from its metadata and load B into the same architecture.
+
+    B may lack the ``arch`` metadata (a file this tool did not write): its tensors must then fit
+    A's model strictly. When both name an architecture, they must name the same one.
+
+    Returns:
+        (model A, model B or None, arch), both in eval mode on the CPU.
+
+    Raises:
+        InputError: unreadable files, different architectures, or B's tensors do not fit.
+    """
+    ca = load_checkpoint(a_path)
+    a, arch, kwargs = model_from_metadata(ca.metadata, str(a_path))
+    load_strict(a, ca.state_dict, str(a_path))
+    if b_path is None:
+        return a.eval(), None, arch
+    cb = load_checkpoint(b_path)
+    arch_b, kwargs_b = _spec(cb.metadata)
+    if arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs):
+        raise InputError(
+            f"{a_path} and {b_path} are different architectures ({arch} {json.dumps(kwargs)} vs {arch_b} {json.dumps(kwargs_b)})",
+            hint="teleport report compares two checkpoints of the same architecture",
+        )
+    b, _, _ = model_from_metadata(ca.metadata, str(a_path))
+    load_strict(b, cb.state_dict, str(b_path))
+    return a.eval(), b.eval(), arch
+
+
+def report(
+    a_path: str | Path,
+    b_path: str | Path | None,
+    data: str | Path,
+    holdout: str | Path | None = None,
+    settings: AuditSettings | None = None,
+    *,
+    device: str = "auto",
+) -> Audit:
+    """Audit checkpoint A (and B against it) on the calibration and optional held-out files.
+
+    Raises:
+        InputError (exit 3): unreadable or unfit inputs, different architectures.
+        ConfigError (exit 2): an unknown ``spectrum_layers`` name.
+    """
+    a, b, arch = load_pair(a_path, b_path)
+    cal = load_tensor_data(data, what="calibration")
+    hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
+    dev = resolve_device(device)
+    a.to(dev)
+    if b is not None:
+        b.to(dev)
+    audit = audit_models(a, b, cal, hold, settings, sources=(str(a_path), str(b_path) if b_path is not None else None))
+    audit.doc["arch"] = arch
+    return audit
+
+
+def report_for_apply(result, data: str | Path, holdout: str | Path | None, config: TeleportConfig) -> Audit:
+    """The audit of the teleport in ``result`` (a :class:`~teleport_cli.pipeline.ApplyResult`).
+
+    A is the source checkpoint, B the teleported model in memory (also when verification
+    failed and nothing was written); the data sets are those the teleport used (the same seeded
+    held-out split when no held-out file was given). Gates use the teleport's tolerances.
+    """
+    moved = result.outcome.model.eval()
+    device = next(moved.parameters()).device
+    a, _, _ = load_pair(result.source, None)
+    a.to(device)
+    cal = load_tensor_data(data, what="calibration")
+    if holdout is None:
+        cal, hold, _ = split_holdout(cal, config.holdout_fraction, config.seed)
+    else:
+        hold = load_tensor_data(holdout, what="held-out")
+    settings = AuditSettings(tau=config.tau, tolerance=config.tolerance, holdout_tolerance=config.holdout_tolerance,
+                             batch_size=config.batch_size, seed=config.seed, loss=config.loss)
+    audit = audit_models(a, moved, cal, hold, settings, sources=(result.source, result.output or "(teleported, not written)"))
+    audit.doc["arch"] = result.arch
+    return audit

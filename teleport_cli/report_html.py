@@ -1,0 +1,212 @@
+"""The self-contained HTML page of an audit: tables and matplotlib plots embedded as base64 PNG.
+
+Plots (Agg backend, no display needed):
+
+* per-layer relative output drift and relative weight change (two checkpoints only);
+* per-layer null-space dimension against tau (the rule of :func:`teleport_cli.bases.null_mask`);
+* the Gram eigenvalue spectrum of chosen layers, relative to the largest eigenvalue.
+
+The page loads nothing from outside (no scripts, styles or fonts from the network); a
+ten-line inline script counts the decoded plots into ``<body data-plots-rendered=N>`` so that a
+headless browser can check the page rendered.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .audit import Audit  # noqa: E402
+from .bases import EPS64, null_mask  # noqa: E402
+from .errors import OutputError  # noqa: E402
+
+TAU_GRID = (0.5, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def drift_plot(layers: list[dict]) -> str:
+    """Bar chart (log scale) of output drift and weight change per layer; base64 PNG."""
+    rows = [l for l in layers if l["output_drift"] is not None]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows) + 2), 3.4))
+    xs = range(len(rows))
+    floor = 1e-12  # a bar of exactly 0 cannot be drawn on a log axis
+    ax.bar([x - 0.2 for x in xs], [max(l["output_drift"], floor) for l in rows], 0.4, label="output drift ‖ΔZ‖/‖Z‖")
+    ax.bar([x + 0.2 for x in xs], [max(l["rel_weight_change"] or 0.0, floor) for l in rows], 0.4, label="weight change ‖ΔW‖/‖W‖")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [l["name"] for l in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("relative change (calibration set)")
+    ax.set_title("per-layer output drift and weight change")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def null_dim_curve(eigenvalues: torch.Tensor, taus=TAU_GRID) -> list[int]:
+    """Null-space dimension (summed over groups) of one layer's Gram at each tau."""
+    return [sum(int(null_mask(e, t)[0].sum()) for e in eigenvalues) for t in taus]
+
+
+def null_dim_plot(eigenvalues: dict[str, torch.Tensor], tau: float) -> str:
+    """Null-space dimension against tau, one line per layer; base64 PNG."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = list(range(len(TAU_GRID)))
+    for name, ev in eigenvalues.items():
+        ax.plot(xs, null_dim_curve(ev), marker="o", ms=3, label=f"{name} (d_in {ev.shape[0] * ev.shape[1]})")
+    if tau in TAU_GRID:
+        ax.axvline(TAU_GRID.index(tau), color="grey", ls="--", lw=1, label=f"tau = {tau:g}")
+    ax.set_xticks(xs, [f"{t:g}" for t in TAU_GRID], rotation=45, fontsize=8)
+    ax.set_xlabel("tau (input energy kept invariant; 1 = exact null space)")
+    ax.set_ylabel("null-space dimension")
+    ax.set_title("per-layer null-space dimension against tau")
+    ax.legend(fontsize=7, ncol=2 if len(eigenvalues) > 6 else 1)
+    return _png(fig)
+
+
+def spectrum_plot(eigenvalues: dict[str, torch.Tensor], names: list[str]) -> str:
+    """Gram eigenvalues / largest, descending, log scale, for the chosen layers; base64 PNG."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in names:
+        s = eigenvalues[name].reshape(-1).clamp_min(0).sort(descending=True).values
+        rel = (s / s[0]).clamp_min(EPS64) if s[0] > 0 else torch.full_like(s, EPS64)
+        ax.semilogy(range(1, len(s) + 1), rel.numpy(), label=name)
+    ax.axhline(EPS64, color="grey", ls=":", lw=1, label="float64 eps")
+    ax.set_xlabel("eigenvalue index (descending)")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.set_title("Gram eigenvalue spectrum (checkpoint A)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "pass" if v else "FAIL"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _g6(v):
+    return v if v is None else f"{v:.6g}"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(pid: str, png: str, caption: str) -> str:
+    return f'<figure><img id="{pid}" class="plot" alt="{html.escape(caption)}" src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#eee}td:first-child,th:first-child{text-align:left}
+.pass{color:#070;font-weight:bold}.fail{color:#b00;font-weight:bold}figure{display:inline-block;margin:1em}img.plot{max-width:100%}"""
+
+SCRIPT = """window.addEventListener('load',function(){var n=0;document.querySelectorAll('img.plot').forEach(
+function(i){if(i.complete&&i.naturalWidth>0){n++;}});document.body.setAttribute('data-plots-rendered',String(n));});"""
+
+
+def render(audit: Audit) -> str:
+    """The whole page as one HTML string (UTF-8, no external resources)."""
+    d = audit.doc
+    two = d["b"] is not None
+    title = f"teleport report: {Path(d['a']).name}" + (f" vs {Path(d['b']).name}" if two else "")
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>A = {html.escape(d['a'])}" + (f"<br>B = {html.escape(d['b'])}" if two else "") + "</p>"]
+    inv = d["invariance"]
+    if inv["passed"] is not None:
+        cls, word = ("pass", "pass") if inv["passed"] else ("fail", "FAIL")
+        parts.append(f'<p>invariance: <span class="{cls}" id="verdict">{word}</span> ({html.escape(inv["rule"])}, noise floor {inv["noise_floor"]:.3g})</p>')
+        rows = [[k, v["samples"], _g6(v["loss_a"]), _g6(v["loss_b"]), v["loss_diff"], v["relative_loss_drift"], v["tolerance"],
+                 v["accuracy_a"], v["accuracy_b"], v["max_abs_logit_diff"], v["mean_abs_logit_diff"], v["passed"]] for k, v in d["datasets"].items()]
+        parts.append(_table(["data set", "samples", "loss A", "loss B", "B − A", "drift", "tolerance", "acc A", "acc B", "max |Δlogit|", "mean |Δlogit|", "gate"], rows))
+    keys = [("loss", "loss"), ("gradient norm", "grad_norm"), ("top Hessian eigenvalue", "top_eigenvalue"),
+            ("Lanczos residual", "eigenvalue_residual"), ("Hessian trace (Hutchinson)", "trace"), ("standard error", "trace_stderr"),
+            ("SAM sharpness", "sharpness")]
+    geo = d["geometry"]
+    parts.append("<h2>Geometry on the calibration set</h2>")
+    parts.append(_table(["", *[k.upper() for k in geo]], [[label] + [_g6(geo[m][k]) for m in geo] for label, k in keys]))
+    parts.append(f"<p>sharpness at radius {geo['a']['sharpness_radius']:g}; trace from {geo['a']['trace_probes']} Hutchinson probes.</p>")
+    st = d["stability"]
+    if st is not None:
+        lines = [f"{k.upper()}: λmax {st[k]['top_eigenvalue']:.4g} {'&gt;' if st[k]['unstable'] else '≤'} 2(1+β)/lr = {st['edge']:.4g} — "
+                 f"{'<span class=fail>unstable</span>' if st[k]['unstable'] else '<span class=pass>stable</span>'}" for k in geo if st[k]["unstable"] is not None]
+        parts.append(f"<h2>Stability (SGD lr {st['lr']:g}, momentum {st['momentum']:g})</h2><p>" + "<br>".join(lines) + f"</p><p>{html.escape(st['note'])}</p>")
+    parts.append("<h2>Layers</h2>")
+    moved = ["output drift", "ΔW/W"] if two else []
+    parts.append(_table(["layer", "kind", "d_in", "rank", f"null dim (tau {d['settings']['tau']:g})", *moved, "note"],
+                        [[l["name"], l["kind"], l["d_in"], l["rank"], l["null_dim"], *([l["output_drift"], l["rel_weight_change"]] if two else []), l["note"]]
+                         for l in d["layers"]]))
+    parts.append("<h2>Plots</h2>")
+    if two:
+        parts.append(_figure("plot-drift", drift_plot(d["layers"]), "per-layer relative output drift and weight change"))
+    if audit.eigenvalues:
+        parts.append(_figure("plot-null-dim", null_dim_plot(audit.eigenvalues, d["settings"]["tau"]), "per-layer null-space dimension against tau"))
+        parts.append(_figure("plot-spectrum", spectrum_plot(audit.eigenvalues, audit.spectrum_layers), "Gram eigenvalue spectrum: " + ", ".join(audit.spectrum_layers)))
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
+
+
+def check_html_path(path: str | Path, inputs: list) -> Path:
+    """Validate a page path before any work is done; an existing page may be replaced.
+
+    Raises:
+        OutputError: the path is one of ``inputs`` (also through a link), a folder, does not
+            end in ``.html``/``.htm``, or its folder does not exist.
+    """
+    out = Path(path)
+    for i in inputs:
+        if i is not None and (out.resolve() == Path(i).resolve() or (out.exists() and Path(i).exists() and os.path.samefile(out, i))):
+            raise OutputError(f"--html {path} is the input file {i}", hint="teleport-cli never writes over an input; choose another page name")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise OutputError(f"--html {path} must end in .html", hint="e.g. --html report.html")
+    if out.is_dir():
+        raise OutputError(f"--html {path} is a folder", hint="pass a file path ending in .html")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"folder {parent} of --html does not exist", hint=f"create it first: mkdir -p {parent}")
+    return out
+
+
+def write_html(path: str | Path, page: str, inputs: list) -> Path:
+    """Check the path (:func:`check_html_path`) and write the page atomically (temporary file
+    beside it, fsync, rename).
+
+    Raises:
+        OutputError: a refused path (see :func:`check_html_path`) or a failed write.
+    """
+    out = check_html_path(path, inputs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # a page is for reading: not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}", hint="check free disk space and permissions") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
