@@ -107,3 +107,16 @@ def test_char_lm_reads_the_shipped_text_with_the_stored_vocabulary(tmp_path):
     assert doc["calibration"]["samples"] + doc["holdout"]["samples"] == 48  # a seeded 20% split of the 48 windows
     rec = json.loads(metadata(tmp_path / "out.safetensors")["calibration_data"])
     assert rec["kind"] == "text" and rec["selection"]["available"] == 1_000_000 // 65
+
+
+@pytest.mark.parametrize("name, data, rows", [
+    ("fmnist_test_vit_mid", "fmnist_calibration", {"blocks.0.attn.qkv": 256 * ((28 // 7) ** 2 + 1), "head": 256}),
+    ("char_lm_mid", "shakespeare_calibration.safetensors", {"blocks.0.attn.qkv": 128 * 64, "head": 128 * 64}),
+])
+def test_inspect_reads_the_shipped_data_kinds(name, data, rows):
+    """Rows per layer: samples x tokens (ViT: 16 patches + the class token; char_lm: 64 positions)."""
+    r = run("inspect", SAMPLES / f"{name}.safetensors", "--data", SAMPLES / data, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    got = {l["name"]: l["rows"] for l in doc["layers"] if l["name"] in rows}
+    assert got == rows
