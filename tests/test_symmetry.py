@@ -100,7 +100,7 @@ def _mean_loss_and_grad_norm(model, x, y):
     params = list(model.parameters())
     loss = F.cross_entropy(model(x), y)
     gs = torch.autograd.grad(loss, params)
-    return float(loss), float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in gs)))
+    return float(loss.detach()), float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in gs)))
 
 
 def test_run_on_the_mid_checkpoint_raises_the_gradient_norm_within_tolerance(samples):
