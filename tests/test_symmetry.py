@@ -126,3 +126,16 @@ def test_refuses_other_architectures():
     data = [(torch.randn(3, 4), torch.tensor([0, 1, 0]))]
     with pytest.raises(ConfigError, match="needs the built-in mlp architecture"):
         symmetry_teleport(model, data, TeleportConfig(steps=1), LOSS_FUNCTIONS["ce"])
+
+
+def test_bench_skips_symmetry_on_other_models_with_a_note():
+    from teleport_cli.bench import BenchSettings, run_bench
+    from teleport_cli.data import TensorData
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    settings = BenchSettings(steps=10, seeds=(0,), calibration_samples=32, variants=("original", "symmetry"))
+    doc = run_bench(model, data, data, TeleportConfig(steps=2, device="cpu", objective="grad-norm"), settings)
+    assert set(doc["variants"]) == {"original"}
+    assert "built-in mlp" in doc["skipped"]["symmetry"]
