@@ -1,9 +1,10 @@
 """Resumed-training benchmark: does training from a teleported checkpoint reach a loss faster?
 
 For each variant (no teleport, null-space teleport once, periodic teleport, a random move in the
-same null space, level-set teleportation) and each seed, training resumes for K steps with the
-same optimizer, learning rate, seed and batch order, and records the minibatch training loss at
-every step and the held-out loss at a few steps. Figures (issue 6):
+same null space, level-set teleportation, symmetry teleportation on the built-in MLP only:
+skipped, with a note under ``skipped``, on other models) and each seed, training resumes for K
+steps with the same optimizer, learning rate, seed and batch order, and records the minibatch
+training loss at every step and the held-out loss at a few steps. Figures (issue 6):
 
 * ``final_loss``: mean training loss over the last ``w = max(1, K // 10)`` steps;
 * ``steps_to_target_ratio``: the first step t at which the trailing ``w``-step mean of the
@@ -29,12 +30,14 @@ from .config import TeleportConfig
 from .data import TensorData
 from .layers import find_layers, weight_blocks
 from .levelset import levelset_teleport
+from .models import MLP
 from .objectives import LOSS_FUNCTIONS
 from .pipeline import teleport
+from .symmetry import symmetry_teleport
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
-VARIANTS = ("original", "nullspace", "periodic", "random", "levelset")
+VARIANTS = ("original", "nullspace", "periodic", "random", "levelset", "symmetry")
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,13 @@ def run_bench(
         copy_ = copy.deepcopy(model)
         stats, secs = _timed(lambda: levelset_teleport(copy_, cal.batches(config.batch_size, device), config, loss_fn))
         starts["levelset"] = (copy_, secs, {"grad_norm_ratio": stats.grad_norm_ratio, "calibration_drift": abs(stats.loss_after - stats.loss_before) / abs(stats.loss_before)})
+    skipped = {}
+    if "symmetry" in settings.variants and not isinstance(model, MLP):
+        skipped["symmetry"] = "symmetry teleportation needs the built-in mlp architecture"
+    elif "symmetry" in settings.variants:
+        copy_ = copy.deepcopy(model)
+        stats, secs = _timed(lambda: symmetry_teleport(copy_, cal.batches(config.batch_size, device), config, loss_fn))
+        starts["symmetry"] = (copy_, secs, {"grad_norm_ratio": stats.grad_norm_ratio, "calibration_drift": abs(stats.loss_after - stats.loss_before) / abs(stats.loss_before)})
 
     periodic_config = config.replace(steps=max(1, config.steps // 5))
 
@@ -278,4 +288,5 @@ def run_bench(
         "teleport": config.to_dict(),
         "calibration_samples": k,
         "variants": {name: r.to_dict(settings, None if name == "original" else ref) for name, r in results.items()},
+        **({"skipped": skipped} if skipped else {}),
     }
