@@ -41,6 +41,10 @@ class TeleportConfig:
         max_backtracks: how many times a rejected step is halved before the loop stops.
         batch_size: calibration samples per forward pass (memory, not the result: the
             objective is always over the whole calibration set).
+        guard_fraction: share of the calibration set kept out of the Grams and the objective
+            (seeded) as a guard: a step that moves the guard loss beyond ``tolerance`` is
+            rejected. 0 disables it; with ``tau = 1`` (exact invariance on the whole calibration
+            set) no guard is split off.
         holdout_fraction: share of ``--data`` set aside as held-out set when no
             ``--holdout`` is given (seeded by ``seed``).
         seed: seed for the held-out split and any random choice.
@@ -73,6 +77,7 @@ class TeleportConfig:
     tangent: bool = True
     batch_size: int = 256
     holdout_fraction: float = 0.2
+    guard_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
     loss: str = "ce"
@@ -95,6 +100,7 @@ class TeleportConfig:
             (self.max_backtracks >= 0, "--max-backtracks must be >= 0", None),
             (self.batch_size >= 1, "--batch-size must be at least 1", None),
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
+            (0.0 <= self.guard_fraction < 1.0, "--guard-fraction must be in [0, 1)", None),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}", None),

@@ -7,6 +7,7 @@ loop); :func:`apply` is what ``teleport apply`` runs (files in, a verified file 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .layers import find_layers
 from .factories import choose_model
 from .inputs import load_data_inputs
 from .models import load_strict, resolve_device
-from .objectives import LOSS_FUNCTIONS, make_objective
+from .objectives import LOSS_FUNCTIONS, full_gradient, make_objective
 from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
 from .survey import summarise as _summaries
@@ -117,6 +118,11 @@ def teleport(
             hold = as_tensor_data(holdout, "held-out data")
         cal_batches = cal.batches(config.batch_size, device)
         hold_batches = hold.batches(config.batch_size, device)
+        fit, guard = cal, None
+        if config.guard_fraction > 0 and config.tau < 1.0 and config.method == "nullspace" and len(cal) >= 10:
+            fit, guard_data, _ = split_holdout(cal, config.guard_fraction, config.seed + 1)
+            guard = guard_data.batches(config.batch_size, device)
+        fit_batches = fit.batches(config.batch_size, device)
 
         _, floor = noise_floor(model, cal_batches, loss_fn, cal.source)
         layers, excluded = find_layers(model)
@@ -124,9 +130,9 @@ def teleport(
 
         def captured(k: int) -> None:
             done[0] += k
-            event("capture", done[0], len(cal))
+            event("capture", done[0], len(fit))
 
-        accs = capture_grams(model, layers, cal_batches, captured)
+        accs = capture_grams(model, layers, fit_batches, captured)
         bases = {
             spec.name: layer_basis(spec.name, accs[spec.name].gram, config.tau)
             for spec, _ in layers
@@ -152,9 +158,17 @@ def teleport(
             if config.objective == "lookahead" and lookahead_lr is None:
                 from .geometry import top_eigenvalue
 
-                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, cal_batches, loss_fn, seed=config.seed)), 1e-12)
+                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed)), 1e-12)
             objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
-            stats = ascend(moved, cal_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective, on_step=stepped)
+            stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
+                           on_step=stepped, guard=guard, guard_tolerance=config.tolerance)
+        if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
+            params0 = [p for p in model.parameters() if p.requires_grad]
+            params1 = [p for p in moved.parameters() if p.requires_grad]
+            before = full_gradient(model, cal_batches, loss_fn, params0, len(cal))
+            after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
+            stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
+                                        grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
         changes = relative_changes(moved, model, [s for s, _ in layers])
         event("verify", 0, 2)
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)

@@ -62,6 +62,15 @@ def _tangent(projected, moving, bases, state: GradientState, params, wrt) -> lis
     return [_project(spec, bases, p - (pq / qq) * t) for (spec, _), p, t in zip(moving, projected, q)]
 
 
+@torch.no_grad()
+def _mean_loss(model: nn.Module, batches: Batches, loss_fn: Callable) -> float:
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += float(loss_fn(model(x), y))
+        n += int(x.shape[0])
+    return total / max(n, 1)
+
+
 def _project(spec: LayerSpec, bases: dict[str, LayerBasis], t: torch.Tensor) -> torch.Tensor:
     return bases[spec.name].project(weight_blocks(spec, t)).reshape(t.shape)
 
@@ -77,8 +86,15 @@ def ascend(
     noise_floor: float = 0.0,
     objective=None,
     on_step: Callable[[int, StepRecord | None], None] | None = None,
+    guard: Batches | None = None,
+    guard_tolerance: float = 0.0,
 ) -> TeleportStats:
     """Run projected ascent on ``model`` in place and return what happened.
+
+    With ``guard`` (calibration samples kept out of the Grams and the objective), a step is
+    also rejected when the guard loss drifts beyond ``guard_tolerance`` by the same rule: the
+    null spaces are exact only on the samples they were built from, and the guard measures
+    what the move does to samples they have not seen (early stopping on a validation split).
 
     Args:
         model: the model to move (a copy of the original), in eval mode on its device.
@@ -103,6 +119,7 @@ def ascend(
 
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
+    guard0 = _mean_loss(model, guard, loss_fn) if guard is not None else 0.0
     score = objective.score(model, batches, loss_fn, params, state, n) if moving else 0.0
     score0 = score
     if not moving:
@@ -136,7 +153,9 @@ def ascend(
                         new = base + (new - base) * (config.max_step * base_norm / moved)
                     w.copy_(new)
             cand = full_gradient(model, batches, loss_fn, params, n)
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor):
+            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and (
+                guard is None or drift_ok(_mean_loss(model, guard, loss_fn), guard0, guard_tolerance, noise_floor)
+            ):
                 cand_score = objective.score(model, batches, loss_fn, params, cand, n)
                 if objective.sign * (cand_score - score) > 0:
                     break
