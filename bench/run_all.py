@@ -35,10 +35,40 @@ SEEDS = (0, 1, 2)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
 
-# name -> (checkpoint, training set, held-out set, K)
+DATA = ROOT / "bench" / "results" / "data"
+
+# name -> (checkpoint, training set, held-out set, K); training sets of the timm models are
+# written into bench/results/data/ from the Debian package dataset-fashion-mnist (not shipped)
 GRID = {
-    "mlp": ("mlp_digits_mid.safetensors", "digits_train.safetensors", "digits_holdout.safetensors", 200),
+    "mlp": ("mlp_digits_mid.safetensors", S / "digits_train.safetensors", S / "digits_holdout.safetensors", 200),
+    "resnet": ("fmnist_test_resnet_mid.safetensors", DATA / "fmnist_train_28.safetensors", DATA / "fmnist_holdout_28.safetensors", 200),
+    "convnext": ("fmnist_test_convnext_mid.safetensors", DATA / "fmnist_train_32.safetensors", DATA / "fmnist_holdout_32.safetensors", 200),
+    "vit": ("fmnist_test_vit_mid.safetensors", DATA / "fmnist_train_28.safetensors", DATA / "fmnist_holdout_28.safetensors", 200),
 }
+
+
+def fmnist_tensors() -> None:
+    """The training split and held-out images of the shipped timm samples as tensor files (as trained)."""
+    import importlib.util
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("make_arch_samples", S / "make_arch_samples.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    train_x, train_y = mk.read_idx(mk.FMNIST / "train-images-idx3-ubyte.gz"), mk.read_idx(mk.FMNIST / "train-labels-idx1-ubyte.gz")
+    test_x, test_y = mk.read_idx(mk.FMNIST / "t10k-images-idx3-ubyte.gz"), mk.read_idx(mk.FMNIST / "t10k-labels-idx1-ubyte.gz")
+    rng = np.random.default_rng(mk.SEED)  # the same draws as make_arch_samples.make_fmnist
+    train_ids = np.sort(rng.permutation(len(train_y))[: mk.TRAIN_SIZE])
+    rng.choice(train_ids, mk.CAL_SIZE, replace=False)
+    hold_ids = np.sort(rng.permutation(len(test_y))[: mk.HOLD_SIZE])
+    DATA.mkdir(parents=True, exist_ok=True)
+    for size in (28, 32):
+        save_file({"inputs": mk.preprocess(train_x[train_ids], size).contiguous(),
+                   "targets": torch.tensor(train_y[train_ids], dtype=torch.int64)}, str(DATA / f"fmnist_train_{size}.safetensors"))
+        save_file({"inputs": mk.preprocess(test_x[hold_ids], size).contiguous(),
+                   "targets": torch.tensor(test_y[hold_ids], dtype=torch.int64)}, str(DATA / f"fmnist_holdout_{size}.safetensors"))
 
 
 def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
@@ -49,8 +79,10 @@ def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
     ck = load_checkpoint(S / ckpt_file)
     model, _, _ = model_from_metadata(ck.metadata, ck.path)
     load_strict(model, ck.state_dict, ck.path)
-    train = load_tensor_data(S / train_file)
-    hold = load_tensor_data(S / hold_file)
+    if not Path(train_file).exists():
+        fmnist_tensors()
+    train = load_tensor_data(train_file)
+    hold = load_tensor_data(hold_file)
     settings = BenchSettings(optimizer=optimizer, lr=LR[optimizer], steps=k, seeds=SEEDS, holdout_every=max(1, k // 20))
     start = time.perf_counter()
     # the look-ahead's virtual steps are SGD steps: Adam's lr is no SGD step size, so 1/lambda_max is used

@@ -34,7 +34,7 @@ def _args(f, out, *extra):
 
 def test_json_document_values_match_an_independent_evaluation(files):
     out = files / "out.safetensors"
-    r = run(*_args(files, out, "--json", "-q"))
+    r = run(*_args(files, out, "--json", "-q", "--objective", "grad-norm"))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # stdout is exactly one JSON document
     for key in ("verified", "output", "seconds", "grad_norm_before", "grad_norm_after", "calibration", "holdout", "layers"):
