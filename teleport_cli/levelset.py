@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import TeleportConfig
 from .objectives import Batches, full_gradient, hessian_vector_product
+from .linesearch import StepLog, backtrack
 from .records import StepRecord, TeleportStats
 from .teleport import drift_ok
 
@@ -62,10 +63,9 @@ def levelset_teleport(
     loss0, gnorm0 = state.loss, state.grad_norm
     total_norm = _dot([p.detach() for p in params], [p.detach() for p in params]) ** 0.5
     eta = config.step_size
-    accepted = rejected = 0
-    history: list[StepRecord] = []
+    log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
-    while accepted < config.steps:
+    while log.accepted < config.steps:
         d = hessian_vector_product(model, batches, loss_fn, params, state.grads, params, n)
         gg = _dot(state.grads, state.grads)
         coef = _dot(d, state.grads) / gg if gg > 0 else 0.0
@@ -75,42 +75,31 @@ def levelset_teleport(
             stop = "no_freedom"
             break
         current = [p.detach().clone() for p in params]
-        backtracks = 0
-        while True:
+
+        def propose(eta: float):
             with torch.no_grad():
                 for p, c, t in zip(params, current, d):
                     p.copy_(c + (eta * total_norm / dnorm) * t)
             mid = full_gradient(model, batches, loss_fn, params, n)
             mg = mid.grad_norm**2
-            if mg > 0:
+            if mg > 0:  # one Newton step back to the level set along the gradient
                 with torch.no_grad():
                     for p, g in zip(params, mid.grads):
                         p.sub_(((mid.loss - loss0) / mg) * g)
-            cand = full_gradient(model, batches, loss_fn, params, n)
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm:
-                break
-            rejected += 1
-            backtracks += 1
-            if on_step is not None:
-                on_step(accepted, None)
-            with torch.no_grad():
-                for p, c in zip(params, current):
-                    p.copy_(c)
-            if backtracks > config.max_backtracks:
-                break
-            eta *= 0.5
-        if backtracks > config.max_backtracks:
+            return full_gradient(model, batches, loss_fn, params, n)
+
+        def accept(cand) -> bool:
+            return drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm
+
+        cand, eta, backtracks = backtrack(params, propose, accept, eta, config.max_backtracks, log.reject)
+        if cand is None:
             stop = "backtracking"
             break
         state = cand
-        accepted += 1
-        history.append(StepRecord(accepted, eta, cand.loss, cand.grad_norm, backtracks))
-        if on_step is not None:
-            on_step(accepted, history[-1])
-        if config.target_ratio is not None and gnorm0 > 0 and state.grad_norm / gnorm0 >= config.target_ratio:
+        if log.accept(eta, cand.loss, cand.grad_norm, backtracks):
             stop = "target_ratio"
             break
     return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start,
-        tuple(history), "levelset", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2,
+        loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
+        tuple(log.history), "levelset", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2,
     )

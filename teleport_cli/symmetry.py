@@ -39,6 +39,7 @@ from .config import TeleportConfig
 from .errors import ConfigError
 from .models import MLP
 from .objectives import Batches, full_gradient
+from .linesearch import StepLog, backtrack
 from .records import StepRecord, TeleportStats
 from .teleport import drift_ok
 
@@ -169,10 +170,9 @@ def symmetry_teleport(
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
     eta = config.step_size
-    accepted = rejected = 0
-    history: list[StepRecord] = []
+    log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
-    while accepted < config.steps:
+    while log.accepted < config.steps:
         base = {k: p.detach().double() for k, p in named.items()}
         ts = [torch.zeros(k, k, dtype=torch.float64, device=x_act.device, requires_grad=True) for k in ks]
         d = torch.autograd.grad(objective(model, base, ts, x_act, batches, loss_fn, n), ts)
@@ -180,39 +180,27 @@ def symmetry_teleport(
         if dnorm == 0.0 or not math.isfinite(dnorm):
             stop = "no_freedom"
             break
-        current = [p.detach().clone() for p in params]
-        backtracks = 0
-        while True:
+
+        def propose(eta: float):
             scale = eta * math.sqrt(sum(ks)) / dnorm
             with torch.no_grad():
                 moved = act(model, base, [scale * t for t in d], x_act)
                 for k, p in named.items():
                     p.copy_(moved[k].to(p.dtype))
-            cand = full_gradient(model, batches, loss_fn, params, n)
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm:
-                break
-            rejected += 1
-            backtracks += 1
-            if on_step is not None:
-                on_step(accepted, None)
-            with torch.no_grad():
-                for p, c in zip(params, current):
-                    p.copy_(c)
-            if backtracks > config.max_backtracks:
-                break
-            eta *= 0.5
-        if backtracks > config.max_backtracks:
+            return full_gradient(model, batches, loss_fn, params, n)
+
+        def accept(cand) -> bool:
+            return drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm
+
+        cand, eta, backtracks = backtrack(params, propose, accept, eta, config.max_backtracks, log.reject)
+        if cand is None:
             stop = "backtracking"
             break
         state = cand
-        accepted += 1
-        history.append(StepRecord(accepted, eta, cand.loss, cand.grad_norm, backtracks))
-        if on_step is not None:
-            on_step(accepted, history[-1])
-        if config.target_ratio is not None and gnorm0 > 0 and state.grad_norm / gnorm0 >= config.target_ratio:
+        if log.accept(eta, cand.loss, cand.grad_norm, backtracks):
             stop = "target_ratio"
             break
     return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start,
-        tuple(history), "symmetry", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2,
+        loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
+        tuple(log.history), "symmetry", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2,
     )

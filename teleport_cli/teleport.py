@@ -26,6 +26,7 @@ from .bases import LayerBasis
 from .config import TeleportConfig
 from .layers import LayerSpec, layer_weight, weight_blocks
 from .objectives import Batches, GradientState, GradNormObjective, full_gradient
+from .linesearch import StepLog, backtrack
 from .records import StepRecord, TeleportStats
 
 # A projected direction smaller than this share of the unprojected one is roundoff (float32
@@ -129,10 +130,9 @@ def ascend(
     w0_norms = [float(w.double().norm()) for w in w0]
     total_norm = _norm(w0)
     eta = config.step_size
-    history: list[StepRecord] = []
-    accepted = rejected = 0
+    log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
-    while accepted < config.steps:
+    while log.accepted < config.steps:
         direction = objective.direction(model, batches, loss_fn, params, wrt, state, n)
         projected = [_project(spec, bases, d) * objective.sign for (spec, _), d in zip(moving, direction)]
         if config.tangent:
@@ -142,8 +142,9 @@ def ascend(
             stop = "no_freedom"
             break
         current = [w.detach().clone() for w in wrt]
-        backtracks = 0
-        while True:
+        scores: dict[int, float] = {}
+
+        def propose(eta: float):
             scale = eta * total_norm / pnorm
             with torch.no_grad():
                 for w, c, p, base, base_norm in zip(wrt, current, projected, w0, w0_norms):
@@ -152,38 +153,27 @@ def ascend(
                     if base_norm > 0 and moved > config.max_step * base_norm:
                         new = base + (new - base) * (config.max_step * base_norm / moved)
                     w.copy_(new)
-            cand = full_gradient(model, batches, loss_fn, params, n)
-            if drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and (
-                guard is None or drift_ok(_mean_loss(model, guard, loss_fn), guard0, guard_tolerance, noise_floor)
-            ):
-                cand_score = objective.score(model, batches, loss_fn, params, cand, n)
-                if objective.sign * (cand_score - score) > 0:
-                    break
-            rejected += 1
-            backtracks += 1
-            if on_step is not None:
-                on_step(accepted, None)
-            with torch.no_grad():
-                for w, c in zip(wrt, current):
-                    w.copy_(c)
-            if backtracks > config.max_backtracks:
-                break
-            eta *= 0.5
-        if backtracks > config.max_backtracks:
+            return full_gradient(model, batches, loss_fn, params, n)
+
+        def accept(cand) -> bool:
+            if not drift_ok(cand.loss, loss0, config.tolerance, noise_floor):
+                return False
+            if guard is not None and not drift_ok(_mean_loss(model, guard, loss_fn), guard0, guard_tolerance, noise_floor):
+                return False
+            scores[id(cand)] = objective.score(model, batches, loss_fn, params, cand, n)
+            return objective.sign * (scores[id(cand)] - score) > 0
+
+        cand, eta, backtracks = backtrack(wrt, propose, accept, eta, config.max_backtracks, log.reject)
+        if cand is None:
             stop = "backtracking"
             break
-        state, score = cand, cand_score
-        accepted += 1
-        record = StepRecord(accepted, eta, cand.loss, cand.grad_norm, backtracks)
-        history.append(record)
-        if on_step is not None:
-            on_step(accepted, record)
-        if config.target_ratio is not None and gnorm0 > 0 and state.grad_norm / gnorm0 >= config.target_ratio:
+        state, score = cand, scores[id(cand)]
+        if log.accept(eta, cand.loss, cand.grad_norm, backtracks):
             stop = "target_ratio"
             break
     return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, accepted, rejected, stop, time.perf_counter() - start, tuple(history),
-        objective.name, score0, score,
+        loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
+        tuple(log.history), objective.name, score0, score,
     )
 
 

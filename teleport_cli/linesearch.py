@@ -1,0 +1,81 @@
+"""The backtracking line search and step bookkeeping that every teleport loop shares.
+
+A loop proposes a candidate at step length ``eta`` (writing the tensors in place), the caller's
+rule accepts or rejects it; a rejected candidate is undone and ``eta`` halves, at most
+``max_backtracks`` times (design notes, Sec. 5: a fixed step on 1/2 ||g||^2 diverges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from .records import StepRecord
+
+C = TypeVar("C")
+
+
+def backtrack(
+    tensors: Sequence[torch.Tensor],
+    propose: Callable[[float], C],
+    accept: Callable[[C], bool],
+    eta: float,
+    max_backtracks: int,
+    on_reject: Callable[[], None],
+) -> tuple[C | None, float, int]:
+    """Try ``propose(eta)`` with halving ``eta`` until ``accept`` holds.
+
+    Args:
+        tensors: the tensors ``propose`` writes in place; restored after each rejection.
+        propose: sets the tensors to the candidate at step length ``eta``; returns what
+            ``accept`` needs (e.g. the gradient state there).
+        accept: the acceptance rule.
+        eta: the first step length tried.
+        max_backtracks: halvings allowed after the first try.
+        on_reject: called once per rejected candidate.
+
+    Returns:
+        (candidate or None, the step length of the last try, number of rejections). On None
+        the tensors hold their values from before the search.
+    """
+    current = [t.detach().clone() for t in tensors]
+    backtracks = 0
+    while True:
+        cand = propose(eta)
+        if accept(cand):
+            return cand, eta, backtracks
+        backtracks += 1
+        on_reject()
+        with torch.no_grad():
+            for t, c in zip(tensors, current):
+                t.copy_(c)
+        if backtracks > max_backtracks:
+            return None, eta, backtracks
+        eta *= 0.5
+
+
+@dataclass
+class StepLog:
+    """Counts accepted and rejected steps, keeps the history, reports progress, checks the target."""
+
+    target_ratio: float | None
+    grad_norm0: float
+    on_step: Callable[[int, StepRecord | None], None] | None = None
+    accepted: int = 0
+    rejected: int = 0
+    history: list[StepRecord] = field(default_factory=list)
+
+    def reject(self) -> None:
+        self.rejected += 1
+        if self.on_step is not None:
+            self.on_step(self.accepted, None)
+
+    def accept(self, eta: float, loss: float, grad_norm: float, backtracks: int) -> bool:
+        """Record an accepted step; True when ``grad_norm / grad_norm0`` reached the target ratio."""
+        self.accepted += 1
+        self.history.append(StepRecord(self.accepted, eta, loss, grad_norm, backtracks))
+        if self.on_step is not None:
+            self.on_step(self.accepted, self.history[-1])
+        return self.target_ratio is not None and self.grad_norm0 > 0 and grad_norm / self.grad_norm0 >= self.target_ratio
