@@ -25,8 +25,9 @@ def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     for name, v in doc["variants"].items():
         curve = smoothed(v["train_curve_mean"], w)
         ax.plot(range(w, w + len(curve)), curve, label=name)
+    ax.set_yscale("log")  # a teleport that makes SGD spike would squash every other curve
     ax.set_xlabel("resumed training step")
-    ax.set_ylabel(f"training loss (mean of last {w} steps)")
+    ax.set_ylabel(f"training loss (mean of last {w} steps, log scale)")
     ax.set_title(title or "training loss after teleport")
     ax.legend()
     fig.tight_layout()
