@@ -56,6 +56,7 @@ class TeleportOutcome:
             SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
         lookahead_lr: the learning rate of the look-ahead's virtual steps (``config.lr``, or
             ``1 / lambda_max`` of the calibration loss), None for other objectives.
+        guard_samples: calibration samples kept out of the Grams and the objective as a guard.
     """
 
     model: nn.Module
@@ -67,6 +68,7 @@ class TeleportOutcome:
     calibration_sha256: str
     stability: dict | None = None
     lookahead_lr: float | None = None
+    guard_samples: int = 0
 
     @property
     def verified(self) -> bool:
@@ -193,6 +195,7 @@ def teleport(
             cal.sha256(),
             stable,
             lookahead_lr if config.objective == "lookahead" and config.method == "nullspace" else None,
+            len(cal) - len(fit),
         )
     finally:
         model.train(was_training)
@@ -243,6 +246,7 @@ class ApplyResult:
             "objective_before": o.stats.objective_before,
             "objective_after": o.stats.objective_after,
             "lookahead_lr": o.lookahead_lr,
+            "guard_samples": o.guard_samples,
             "noise_floor": v.noise_floor,
             "stability": o.stability,
             "calibration": set_dict(v.calibration),
