@@ -34,7 +34,7 @@ from .layers import find_layers
 from .objectives import LOSS_FUNCTIONS, Batches
 from .records import _finite
 from .teleport import drift_ok, relative_changes
-from .verify import forward_checked, noise_floor
+from .verify import check_targets, forward_checked, noise_floor
 
 ADAPTIVE_NOTE = (
     "the 2(1+beta)/lr edge holds for plain SGD and heavy-ball momentum only; it does not cover "
@@ -235,6 +235,9 @@ def audit_models(
     loss_fn = LOSS_FUNCTIONS[s.loss]
     device = next(a.parameters()).device
     cal = calibration.batches(s.batch_size, device)
+    check_targets(a, calibration, calibration.source)
+    if holdout is not None:
+        check_targets(a, holdout, holdout.source)
     _, floor = noise_floor(a, cal, loss_fn, calibration.source)
     layers, excluded = find_layers(a)
     accs = capture_grams(a, layers, cal)

@@ -102,9 +102,12 @@ def tensor_data_from(tensors: dict[str, torch.Tensor], path: str | Path, *, what
         )
     inputs, targets = tensors["inputs"], tensors["targets"]
     if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise InputError(f"{what} file {path} holds no samples (found 0, need at least 1)", hint="it needs at least one sample")
+        raise InputError(f"{what} file {path} holds no samples (found 0, need at least 1)")
     if not inputs.is_floating_point():
-        inputs = inputs.float()
+        raise InputError(
+            f"{what} file {path}: 'inputs' are {inputs.dtype}, not floating point",
+            hint="store the inputs preprocessed as the model expects (float32), e.g. images scaled and normalised",
+        )
     if not torch.isfinite(inputs).all():
         bad = int((~torch.isfinite(inputs)).reshape(inputs.shape[0], -1).any(1).sum())
         raise InputError(f"{what} file {path} has NaN or Inf in 'inputs' ({bad} samples)", hint="clean or drop those samples")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .models import build_model, model_from_metadata
 
 
@@ -40,16 +40,16 @@ def parse_kwargs(text: str | None, what: str = "--model-kwargs") -> dict | None:
     """A JSON object given on the command line (None when not given).
 
     Raises:
-        InputError: not valid JSON, or not an object.
+        ConfigError: not valid JSON, or not an object (a bad option value: exit 2).
     """
     if text is None:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{what} is not valid JSON ({e.msg})", hint='pass an object such as \'{"num_classes": 10}\'') from None
+        raise ConfigError(f"{what} is not valid JSON ({e.msg})", hint='pass an object such as \'{"num_classes": 10}\'') from None
     if not isinstance(value, dict):
-        raise InputError(f"{what} must be a JSON object, not {type(value).__name__}", hint='pass an object such as \'{"num_classes": 10}\'')
+        raise ConfigError(f"{what} must be a JSON object, not {type(value).__name__}", hint='pass an object such as \'{"num_classes": 10}\'')
     return value
 
 

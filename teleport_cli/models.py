@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .charlm import CharLM
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 
 class MLP(nn.Module):
@@ -132,10 +132,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``.
 
     Raises:
-        InputError: ``cuda`` asked for on a machine without a usable GPU.
+        ConfigError: ``cuda`` asked for on a machine without a usable GPU (exit 2).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA GPU is available", hint="use --device cpu or auto")
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available", hint="use --device cpu or auto")
     return torch.device(name)

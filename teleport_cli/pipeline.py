@@ -34,7 +34,7 @@ from .records import LayerSummary, TeleportStats, Verification
 from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
 from .training_state import FileOptions, assemble, model_state, moved_keys, moved_stored, plan
-from .verify import compare, noise_floor
+from .verify import check_targets, compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
 Progress = Callable[[str, int, int], None]
@@ -113,11 +113,13 @@ def teleport(
     model.eval()
     try:
         cal = as_tensor_data(calibration, "calibration data")
+        check_targets(model, cal, cal.source)
         indices = None
         if holdout is None:
             cal, hold, indices = split_holdout(cal, config.holdout_fraction, config.seed)
         else:
             hold = as_tensor_data(holdout, "held-out data")
+            check_targets(model, hold, hold.source)
         cal_batches = cal.batches(config.batch_size, device)
         hold_batches = hold.batches(config.batch_size, device)
         fit, guard = cal, None

@@ -165,7 +165,7 @@ def render(audit: Audit) -> str:
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
 
 
-def check_html_path(path: str | Path, inputs: list) -> Path:
+def check_html_path(path: str | Path, inputs: list, flag: str = "--html") -> Path:
     """Validate a page path before any work is done; an existing page may be replaced.
 
     Raises:
@@ -175,14 +175,14 @@ def check_html_path(path: str | Path, inputs: list) -> Path:
     out = Path(path)
     for i in inputs:
         if i is not None and (out.resolve() == Path(i).resolve() or (out.exists() and Path(i).exists() and os.path.samefile(out, i))):
-            raise OutputError(f"--html {path} is the input file {i}", hint="teleport-cli never writes over an input; choose another page name")
+            raise OutputError(f"{flag} {path} would overwrite {i}", hint="teleport-cli never writes over an input or the checkpoint it writes; choose another page name")
     if out.suffix.lower() not in (".html", ".htm"):
-        raise OutputError(f"--html {path} must end in .html", hint="e.g. --html report.html")
+        raise OutputError(f"{flag} {path} must end in .html", hint=f"e.g. {flag} report.html")
     if out.is_dir():
-        raise OutputError(f"--html {path} is a folder", hint="pass a file path ending in .html")
+        raise OutputError(f"{flag} {path} is a folder", hint="pass a file path ending in .html")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(f"folder {parent} of --html does not exist", hint=f"create it first: mkdir -p {parent}")
+        raise OutputError(f"folder {parent} of {flag} does not exist", hint=f"create it first: mkdir -p {parent}")
     return out
 
 

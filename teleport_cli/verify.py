@@ -44,6 +44,27 @@ def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source:
     return total / max(n, 1)
 
 
+def check_targets(model: nn.Module, data, source: str) -> None:
+    """Class targets must index the model's outputs: ``0 <= y < C`` with C the last logit dimension.
+
+    (PyTorch's cross-entropy would raise for other values, or silently skip -100.)
+
+    Raises:
+        InputError: a target outside ``[0, C)``, naming how many and the first one.
+    """
+    x = data.inputs[:1].to(next(model.parameters()).device)
+    with torch.no_grad():
+        classes = int(forward_checked(model, x, source).shape[-1])
+    y = data.targets
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        first = int(y[bad].reshape(-1)[0])
+        raise InputError(
+            f"{source}: targets must be class indices in [0, {classes}); found {first} ({int(bad.sum())} targets out of range)",
+            hint="check the labels and that the data belong to this model",
+        )
+
+
 def noise_floor(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data") -> tuple[float, float]:
     """Run the model twice on the same data; return (loss, |difference|).
 

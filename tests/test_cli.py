@@ -145,6 +145,9 @@ def test_refuses_to_overwrite_existing_output_and_inputs(files):
         ("empty", "holds no samples"),
         ("nan", "NaN or Inf"),
         ("nokeys", "no tensor named"),
+        ("label", "targets must be class indices in [0, 10); found 99"),
+        ("ignore", "found -100"),
+        ("ints", "not floating point"),
     ],
 )
 def test_bad_input_is_one_line_exit_3_and_nothing_written(files, case, needle):
@@ -161,6 +164,12 @@ def test_bad_input_is_one_line_exit_3_and_nothing_written(files, case, needle):
         save_file({"inputs": x, "targets": torch.zeros(20, dtype=torch.int64)}, str(data))
     elif case == "nokeys":
         save_file({"x": torch.rand(20, 64)}, str(data))
+    elif case in ("label", "ignore"):  # cross-entropy would raise on 99 and silently skip -100
+        y = torch.zeros(20, dtype=torch.int64)
+        y[4] = 99 if case == "label" else -100
+        save_file({"inputs": torch.rand(20, 64), "targets": y}, str(data))
+    elif case == "ints":
+        save_file({"inputs": torch.randint(0, 16, (20, 64)), "targets": torch.zeros(20, dtype=torch.int64)}, str(data))
     out = files / "out.safetensors"
     r = run("apply", files / "mlp_digits_mid.safetensors", "--data", data, "-o", out)
     assert r.exit_code == 3, r.output
@@ -205,3 +214,26 @@ def test_module_entry_point_separates_stdout_and_stderr(files, tmp_path):
     assert p.returncode == 3
     assert p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_safetensors_named_pt_is_recognised_and_outputs_follow_the_umask(files, tmp_path):
+    import os
+    import stat
+
+    pt = files / "mid.pt"
+    shutil.copy(files / "mlp_digits_mid.safetensors", pt)
+    r = run("apply", pt, "--data", files / "digits_calibration.safetensors", "-o", files / "o.pt")
+    assert r.exit_code == 3 and "is a safetensors file, not a torch.save pickle" in r.stderr
+    old = os.umask(0o027)
+    try:
+        out = files / "out.safetensors"
+        r = run(*_args(files, out, "-q", "--steps", "2"))
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640  # 0666 less the umask, not mkstemp's 0600
+
+
+def test_bad_model_kwargs_json_is_a_usage_error(files):
+    r = run(*_args(files, files / "o.safetensors", "--model-kwargs", "{in_features: 64"))
+    assert r.exit_code == 2 and "--model-kwargs is not valid JSON" in r.stderr

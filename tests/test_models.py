@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from teleport_cli.cli import cli
-from teleport_cli.errors import InputError
+from teleport_cli.errors import ConfigError, InputError
 from teleport_cli.factories import choose_model
 from teleport_cli.models import load_strict, model_from_metadata
 
@@ -70,9 +70,11 @@ def test_model_kwargs_alone_replace_the_metadata_kwargs():
     assert choice.origin == "metadata" and [m.in_features for m in choice.model.modules() if isinstance(m, torch.nn.Linear)] == [5, 3]
 
 
-@pytest.mark.parametrize("bad, needle", [("[1, 2]", "JSON object"), ("{oops", "not valid JSON"), ('{"nope": 1}', "does not accept")])
-def test_bad_model_kwargs_are_input_errors(bad, needle):
-    with pytest.raises(InputError, match=needle):
+@pytest.mark.parametrize("bad, needle, error", [("[1, 2]", "JSON object", ConfigError), ("{oops", "not valid JSON", ConfigError),
+                                               ('{"nope": 1}', "does not accept", InputError)])
+def test_bad_model_kwargs_are_refused(bad, needle, error):
+    """Malformed JSON is a bad option value (exit 2); kwargs the model does not take are bad input (exit 3)."""
+    with pytest.raises(error, match=needle):
         choose_model({}, "ckpt", "test_resnet", bad)
 
 

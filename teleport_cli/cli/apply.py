@@ -104,7 +104,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
         if report_out is not None:
             from ..report_html import check_html_path  # matplotlib: imported only when a page is asked for
 
-            check_html_path(report_out, inputs)
+            check_html_path(report_out, inputs, flag="--report")
         with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files,
                                model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)

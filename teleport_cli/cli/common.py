@@ -15,9 +15,10 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
   1  internal error (a bug; please report it)
-  2  usage error (bad flag or value)
+  2  usage error (bad flag or value, malformed --model-kwargs JSON, --device cuda without a GPU)
   3  bad input (missing/truncated/corrupted checkpoint or data, shard index and shards disagree,
-     pickle needing code (see --trust-pickle), NaN/Inf, keys/shapes/data that do not fit)
+     pickle needing code (see --trust-pickle), NaN/Inf, keys/shapes/data that do not fit,
+     targets outside [0, classes), unknown architecture, too few calibration samples)
   4  verification failed (loss changed beyond tolerance, also after casting back to
      float16/bfloat16; nothing written)
   5  no teleport step accepted (nothing written)

@@ -112,6 +112,17 @@ def _fail(path: Path, e: OSError) -> OutputError:
     return OutputError(f"could not write {path}: {e.strerror or e}", hint="check free disk space and permissions")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path, folder: bool) -> None:
+    """Give a temporary file or folder (created 0600 / 0700) the mode a plain write would: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` for a temporary path beside ``path``, fsync, rename into place.
 
@@ -124,6 +135,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _default_mode(Path(tmp), folder=False)
         fsync_path(Path(tmp))
         os.replace(tmp, out)
         fsync_path(parent)
@@ -150,7 +162,9 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+        _default_mode(tmp, folder=True)
         for p in tmp.rglob("*"):
+            _default_mode(p, folder=p.is_dir())
             fsync_path(p)
         fsync_path(tmp)
         replace_folder(tmp, out)

@@ -49,6 +49,15 @@ def _allowed_names() -> set[str]:
     return names
 
 
+def _looks_like_safetensors(p: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length, then ``{``."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") + 8 <= p.stat().st_size
+
+
 def load_pickle(path: str | Path, *, trust_pickle: bool = False):
     """Unpickle a ``torch.save`` file on the CPU, safely unless ``trust_pickle``.
 
@@ -59,6 +68,8 @@ def load_pickle(path: str | Path, *, trust_pickle: bool = False):
     p = Path(path)
     if not p.is_file():
         raise InputError(f"checkpoint {path} does not exist" if not p.exists() else f"checkpoint {path} is not a file", hint="check the path")
+    if _looks_like_safetensors(p):
+        raise InputError(f"checkpoint {path} is a safetensors file, not a torch.save pickle", hint="rename it to end in .safetensors")
     if trust_pickle:
         try:
             return torch.load(str(p), map_location="cpu", weights_only=False)
