@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from teleport_cli import TeleportConfig
-from teleport_cli.bench import BenchSettings, run_bench
+from teleport_cli.bench import BenchSettings, run_bench, steps_to_target
 from teleport_cli.bench_plots import plot_curves
 from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.data import load_tensor_data
@@ -108,8 +108,8 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
         "# Resumed-training benchmark",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-        f"Seeds {list(SEEDS)}; every variant resumes with the same seed and batch order. Total run time of the "
-        f"cells computed in the last run: {seconds / 60:.1f} min. Command: `{command}`.",
+        f"Seeds {list(SEEDS)}; every variant resumes with the same seed and batch order. Run time of all cells "
+        f"(each computed once, then cached): {sum(d.get('wall_seconds', 0.0) for d in cells.values()) / 60:.0f} min. Command: `{command}`.",
         "",
         "Columns: final training loss = mean over the last 10% of the K steps (mean ± std over seeds); "
         "steps→target = steps until the variant's curve (same 10% trailing mean) first reaches the original's final "
@@ -117,8 +117,14 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
         "plus the teleport's wall-clock in equivalent training steps, divided by K.",
         "",
     ]
+    findings = ROOT / "bench" / "findings.md"
+    if findings.exists():
+        lines += [findings.read_text().strip(), ""]
     for (name, opt), doc in cells.items():
         s = doc["settings"]
+        w, k = s["window"], s["steps"]
+        ref = doc["variants"]["original"]["train_curve_mean"]
+        own = steps_to_target(ref, statistics.fmean(ref[-w:]), w)
         lines += [f"## {name}, {opt} (lr {s['lr']:g}, K = {s['steps']}, batch {s['batch_size']})", ""]
         lines += ["| variant | final training loss | held-out loss | steps→target | per seed | teleport s | ≈ steps | net | grad-norm × |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -127,7 +133,7 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
             gn = v.get("grad_norm_ratio")
             lines.append(
                 f"| {variant} | {fmt(v['final_loss_mean'], v['final_loss_std'], 4)} | {fmt(v['holdout_final_mean'], v['holdout_final_std'], 4)} | "
-                f"{'1' if variant == 'original' else fmt(v.get('steps_to_target_ratio'))} | "
+                f"{fmt(None if own is None else own / k) + ' (itself)' if variant == 'original' else fmt(v.get('steps_to_target_ratio'))} | "
                 f"{'' if per is None else ', '.join('never' if p is None else f'{p:.2f}' for p in per)} | "
                 f"{v['teleport_seconds']:.2f} | {v['teleport_equivalent_steps']:.0f} | "
                 f"{'1' if variant == 'original' else fmt(v.get('net_ratio'))} | "

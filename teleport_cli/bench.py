@@ -9,7 +9,8 @@ training loss at every step and the held-out loss at a few steps. Figures (issue
 * ``final_loss``: mean training loss over the last ``w = max(1, K // 10)`` steps;
 * ``steps_to_target_ratio``: the first step t at which the trailing ``w``-step mean of the
   variant's curve reaches the original run's ``final_loss``, divided by K (< 1 is faster; None if
-  never reached);
+  never reached). On a flat, noisy curve the original itself touches its final loss before K:
+  ``self_steps_to_target_ratio_per_seed`` of the original is the baseline to compare with;
 * ``teleport_equivalent_steps``: the teleport's wall-clock seconds divided by the original run's
   seconds per training step; ``net_ratio = (t + equivalent steps) / K``.
 """
@@ -197,7 +198,10 @@ class VariantResult:
             "seconds_per_step": sec_per_step,
             **self.info,
         }
-        if reference is not None:
+        if reference is None:  # how early the original's own noisy curve first touches its final loss
+            own = [steps_to_target(r.train, f, w) for r, f in zip(self.runs, finals)]
+            out["self_steps_to_target_ratio_per_seed"] = [None if t is None else t / k for t in own]
+        else:
             ratios, nets = [], []
             for r, ref in zip(self.runs, reference.runs):
                 t = steps_to_target(r.train, statistics.fmean(ref.train[-w:]), w)

@@ -40,7 +40,7 @@ def _summary_table(doc: dict) -> Table:
 
 def _layer_table(layers: list[dict]) -> Table:
     t = Table(title="layers", title_justify="left")
-    for col, just in [("layer", "left"), ("kind", "left"), ("d_in", "right"), ("rank", "right"), ("null dim", "right"), ("ΔW/W", "right"), ("", "left")]:
+    for col, just in [("layer", "left"), ("kind", "left"), ("d_in", "right"), ("rank", "right"), ("null dim", "right"), ("ΔW/W", "right"), ("not moved because", "left")]:
         t.add_column(col, justify=just)
     for l in layers:
         note = "" if l["teleported"] else l["reason"]
@@ -61,7 +61,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
 @click.option("--target-ratio", type=float, default=None, help="Stop once grad-norm after/before reaches this ratio.")
 @click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True,
-              help="nullspace: this tool; levelset / symmetry: baselines (gradient-norm ascent on the level set without null spaces).")
+              help="nullspace: this tool; baselines with the gradient-norm objective: levelset (Mishkin et al. 2024, all parameters, any model), symmetry (Zhao et al. 2022, GL(k) action between layers of the built-in MLP).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True,
               help="lookahead: lower the loss after --lookahead-steps virtual SGD steps at --lr; grad-norm: raise 1/2||g||^2 (the paper's); trace: lower Hutchinson's tr(H).")
 @click.option("--lr", type=float, default=None, help="SGD learning rate training resumes with: the look-ahead's virtual step (default 1/top Hessian eigenvalue) and the stability check.")

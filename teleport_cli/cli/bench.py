@@ -49,7 +49,7 @@ def _table(doc: dict) -> Table:
 @click.option("--seeds", type=int, default=3, show_default=True, help="Number of seeds (0 .. S-1): batch orders shared by all variants.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Training batch size.")
 @click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of: " + ", ".join(VARIANTS) + ".")
-@click.option("--period", type=int, default=25, show_default=True, help="Steps between teleports of the periodic variant.")
+@click.option("--period", type=int, default=25, show_default=True, help="Steps between teleports of the periodic variant (with --steps <= period it equals nullspace).")
 @click.option("--calibration-samples", type=int, default=256, show_default=True, help="Training samples drawn (seeded) as calibration set.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True, help="Teleport objective.")
 @click.option("--tau", type=float, default=D.tau, show_default=True)
@@ -99,3 +99,5 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
     stderr_console().print(_table(doc))
     if as_json:
         click.echo(json.dumps(doc))
+    elif out_dir is not None:
+        click.echo(str(Path(out_dir) / "bench.json"))
