@@ -122,7 +122,7 @@ def resume(
         idx = order[k * b : (k + 1) * b]
         x, y = train.inputs[idx].to(device), train.targets[idx].to(device)
         opt.zero_grad()
-        loss = loss_fn(model(x), y) / y.numel()
+        loss = loss_fn(model(x), y) / x.shape[0]  # loss functions sum per-sample losses
         loss.backward()
         opt.step()
         run.train.append(float(loss.detach()))
