@@ -4,7 +4,7 @@ For two models A (reference) and B of the same architecture:
 
 * per data set (calibration, optional held-out): mean loss and accuracy of both and their
   difference, max and mean ``|logit_B - logit_A|`` over all samples and classes, and the
-  drift gate of ``teleport apply`` (:func:`teleport_cli.teleport.drift_ok`, with A's noise floor);
+  drift gate of ``teleport apply`` (:func:`teleport_cli.linesearch.drift_ok`, with A's noise floor);
 * per Linear/Conv2d layer: relative output drift ``||Z_B - Z_A||_F / ||Z_A||_F`` over the
   whole calibration set (forward hooks on both models), relative weight change
   ``||W_B - W_A||_F / ||W_A||_F``, and A's Gram rank and null-space dimension at tau;
@@ -33,7 +33,8 @@ from .geometry import measure
 from .layers import find_layers
 from .objectives import LOSS_FUNCTIONS, Batches
 from .records import _finite
-from .teleport import drift_ok, relative_changes
+from .linesearch import drift_ok
+from .teleport import relative_changes
 from .verify import check_targets, forward_checked, noise_floor
 
 ADAPTIVE_NOTE = (

@@ -26,9 +26,8 @@ from torch import nn
 
 from .config import TeleportConfig
 from .objectives import Batches, full_gradient, hessian_vector_product
-from .linesearch import StepLog, backtrack
+from .linesearch import StepLog, gradient_norm_step
 from .records import StepRecord, TeleportStats
-from .teleport import drift_ok
 
 
 def _dot(a, b) -> float:
@@ -88,16 +87,9 @@ def levelset_teleport(
                         p.sub_(((mid.loss - loss0) / mg) * g)
             return full_gradient(model, batches, loss_fn, params, n)
 
-        def accept(cand) -> bool:
-            return drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm
-
-        cand, eta, backtracks = backtrack(params, propose, accept, eta, config.max_backtracks, log.reject)
-        if cand is None:
-            stop = "backtracking"
-            break
-        state = cand
-        if log.accept(eta, cand.loss, cand.grad_norm, backtracks):
-            stop = "target_ratio"
+        state, eta, ended = gradient_norm_step(params, state, loss0, propose, eta, config, noise_floor, log)
+        if ended:
+            stop = ended
             break
     return TeleportStats(
         loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,

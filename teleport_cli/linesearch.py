@@ -17,6 +17,28 @@ from .records import StepRecord
 C = TypeVar("C")
 
 
+def drift_ok(loss: float, loss0: float, tolerance: float, noise_floor: float = 0.0) -> bool:
+    """The drift rule shared by the loop and verification: ``|L - L0| <= tol*|L0| + 1e-6 + floor``."""
+    return abs(loss - loss0) <= tolerance * abs(loss0) + 1e-6 + noise_floor
+
+
+def gradient_norm_step(params, state, loss0: float, propose: Callable, eta: float, config, noise_floor: float, log: "StepLog"):
+    """One backtracked step of a gradient-norm ascent held to the level set (the baselines' rule).
+
+    A candidate is accepted when the calibration-loss drift passes :func:`drift_ok` and the
+    gradient norm grew. Returns ``(state, eta, stop)``: the new state (the old one if nothing was
+    accepted), the step length used, and ``"backtracking"``, ``"target_ratio"`` or None.
+    """
+
+    def accept(cand) -> bool:
+        return drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm
+
+    cand, eta, backtracks = backtrack(params, propose, accept, eta, config.max_backtracks, log.reject)
+    if cand is None:
+        return state, eta, "backtracking"
+    return cand, eta, "target_ratio" if log.accept(eta, cand.loss, cand.grad_norm, backtracks) else None
+
+
 def backtrack(
     tensors: Sequence[torch.Tensor],
     propose: Callable[[float], C],

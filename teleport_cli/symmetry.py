@@ -39,9 +39,8 @@ from .config import TeleportConfig
 from .errors import ConfigError
 from .models import MLP
 from .objectives import Batches, full_gradient
-from .linesearch import StepLog, backtrack
+from .linesearch import StepLog, gradient_norm_step
 from .records import StepRecord, TeleportStats
-from .teleport import drift_ok
 
 Params = dict[str, torch.Tensor]
 # activations with singular values below this share of the largest count as rank-deficient
@@ -143,7 +142,7 @@ def symmetry_teleport(
     Each step: ``D_i = d/dT_i 1/2 ||grad L||^2`` at ``T = 0`` (float64 autograd through
     :func:`act`), a normalised step ``T = eta * ||I|| * D / ||D||`` (``||I||^2 = sum k_i``), the
     action applied to the current weights; accepted when the calibration-loss drift from the
-    start is within ``config.tolerance`` (:func:`~teleport_cli.teleport.drift_ok`) and the
+    start is within ``config.tolerance`` (:func:`~teleport_cli.linesearch.drift_ok`) and the
     gradient norm grew, else ``eta`` halves (``config.max_backtracks``). The action's data is a
     seeded subset (``config.seed``) of at most ``min k_i`` calibration inputs
     (:func:`action_subset`); drift is judged on the whole calibration set (model's dtype).
@@ -189,16 +188,9 @@ def symmetry_teleport(
                     p.copy_(moved[k].to(p.dtype))
             return full_gradient(model, batches, loss_fn, params, n)
 
-        def accept(cand) -> bool:
-            return drift_ok(cand.loss, loss0, config.tolerance, noise_floor) and cand.grad_norm > state.grad_norm
-
-        cand, eta, backtracks = backtrack(params, propose, accept, eta, config.max_backtracks, log.reject)
-        if cand is None:
-            stop = "backtracking"
-            break
-        state = cand
-        if log.accept(eta, cand.loss, cand.grad_norm, backtracks):
-            stop = "target_ratio"
+        state, eta, ended = gradient_norm_step(params, state, loss0, propose, eta, config, noise_floor, log)
+        if ended:
+            stop = ended
             break
     return TeleportStats(
         loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,

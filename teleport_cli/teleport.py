@@ -26,18 +26,13 @@ from .bases import LayerBasis
 from .config import TeleportConfig
 from .layers import LayerSpec, layer_weight, weight_blocks
 from .objectives import Batches, GradientState, GradNormObjective, full_gradient
-from .linesearch import StepLog, backtrack
+from .linesearch import StepLog, backtrack, drift_ok
 from .records import StepRecord, TeleportStats
 
 # A projected direction smaller than this share of the unprojected one is roundoff (float32
 # gradients leak about 1e-7 into directions where the exact value is zero); the normalised
 # step would blow it up to a full step, so it counts as zero.
 NOISE = 1e-6
-
-
-def drift_ok(loss: float, loss0: float, tolerance: float, noise_floor: float = 0.0) -> bool:
-    """The drift rule shared by the loop and verification: ``|L - L0| <= tol*|L0| + 1e-6 + floor``."""
-    return abs(loss - loss0) <= tolerance * abs(loss0) + 1e-6 + noise_floor
 
 
 def _norm(ts) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import InputError
 from .objectives import Batches
 from .records import SetCheck
-from .teleport import drift_ok
+from .linesearch import drift_ok
 
 # A run-to-run loss difference above this share of the loss cannot come from floating-point
 # reordering: something random runs in the forward pass.
