@@ -25,7 +25,7 @@ from teleport_cli.bench import BenchSettings, run_bench, steps_to_target
 from teleport_cli.bench_plots import plot_curves
 from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.data_sources import load_data
-from teleport_cli.models import load_strict, model_from_metadata
+from teleport_cli.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 S = ROOT / "sample_checkpoints"
@@ -97,9 +97,7 @@ def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     ckpt_file, train_file, hold_file, k, _, variants = GRID[name]
-    ck = load_checkpoint(S / ckpt_file)
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(S / ckpt_file)[0]
     if not Path(train_file).exists():
         shakespeare_train() if name == "char_lm" else fmnist_tensors()
     train = load_data(train_file, what="training").data

@@ -15,18 +15,15 @@ from pathlib import Path
 import torch
 
 from teleport_cli import TeleportConfig, teleport
-from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.data import load_tensor_data
-from teleport_cli.models import load_strict, model_from_metadata
+from teleport_cli.models import load_model
 
 S = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    ck = load_checkpoint(S / "mlp_digits_mid.safetensors")
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(S / "mlp_digits_mid.safetensors")[0]
     cal = load_tensor_data(S / "digits_calibration.safetensors")
     hold = load_tensor_data(S / "digits_holdout.safetensors")
     print("# How the defaults of `teleport apply` were chosen\n")

@@ -128,6 +128,23 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(state_dict, strict=True)
 
 
+def load_model(path) -> tuple[nn.Module, "Checkpoint", str, dict]:
+    """Read a checkpoint, rebuild its model from the metadata and load it strictly.
+
+    Returns:
+        (model, checkpoint, arch, model_kwargs).
+
+    Raises:
+        InputError: unreadable file, no or unknown architecture, tensors that do not fit.
+    """
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model, arch, kwargs = model_from_metadata(ckpt.metadata, str(path))
+    load_strict(model, ckpt.state_dict, str(path))
+    return model, ckpt, arch, kwargs
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``.
 

@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint
 from .config import TeleportConfig
 from .data import load_tensor_data, split_holdout
 from .errors import InputError
-from .models import load_strict, model_from_metadata, resolve_device
+from .models import load_model, load_strict, model_from_metadata, resolve_device
 
 
 def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
@@ -38,9 +38,7 @@ def load_pair(a_path: str | Path, b_path: str | Path | None) -> tuple[nn.Module,
     Raises:
         InputError: unreadable files, different architectures, or B's tensors do not fit.
     """
-    ca = load_checkpoint(a_path)
-    a, arch, kwargs = model_from_metadata(ca.metadata, str(a_path))
-    load_strict(a, ca.state_dict, str(a_path))
+    a, ca, arch, kwargs = load_model(a_path)
     if b_path is None:
         return a.eval(), None, arch
     cb = load_checkpoint(b_path)

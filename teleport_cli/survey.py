@@ -139,16 +139,13 @@ def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.
         InputError (exit 3): unreadable checkpoint or data, data that do not fit the model.
         ConfigError (exit 2): tau outside (0, 1].
     """
-    from .checkpoint import load_checkpoint
     from .config import TeleportConfig
     from .data_sources import load_data
     from .inputs import checkpoint_data_config
-    from .models import load_strict, model_from_metadata, resolve_device
+    from .models import load_model, resolve_device
 
     TeleportConfig(tau=tau, batch_size=batch_size, device=device)  # validates the values
-    ckpt = load_checkpoint(checkpoint)
-    model, arch, _ = model_from_metadata(ckpt.metadata, str(checkpoint))
-    load_strict(model, ckpt.state_dict, str(checkpoint))
+    model, ckpt, arch, _ = load_model(checkpoint)
     cal: TensorData = load_data(data, checkpoint_data_config(ckpt.metadata, str(checkpoint)), model, what="calibration").data
     model.to(resolve_device(device))
     return InspectResult(str(checkpoint), str(data), arch, tau, survey_model(model, cal, tau, batch_size=batch_size))

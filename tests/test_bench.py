@@ -9,10 +9,9 @@ import torch
 from click.testing import CliRunner
 
 from teleport_cli.bench import BenchSettings, resume, smoothed, steps_to_target
-from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.cli import cli
 from teleport_cli.data import load_tensor_data
-from teleport_cli.models import load_strict, model_from_metadata
+from teleport_cli.models import load_model
 
 
 def test_smoothed_and_steps_to_target_match_brute_force():
@@ -27,9 +26,7 @@ def test_smoothed_and_steps_to_target_match_brute_force():
 
 
 def test_resume_is_deterministic_per_seed_and_seeds_differ(samples):
-    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(samples / "mlp_digits_mid.safetensors")[0]
     train = load_tensor_data(samples / "digits_train.safetensors")
     hold = load_tensor_data(samples / "digits_holdout.safetensors")
     s = BenchSettings(steps=12, holdout_every=6)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian
 
-from teleport_cli.models import MLP
+from teleport_cli.models import MLP, load_model
 from teleport_cli.objective_lookahead import LookaheadObjective
 from teleport_cli.objective_trace import TraceObjective
 from teleport_cli.objectives import cross_entropy_sum, full_gradient
@@ -118,13 +118,9 @@ def test_stability_guard_compares_explicit_top_eigenvalues_with_the_sgd_edge():
 def test_levelset_baseline_moves_all_parameters_on_the_level_set(samples):
     """Mishkin et al.'s level-set teleportation: gradient norm up, calibration loss kept, biases move too."""
     from teleport_cli import TeleportConfig, teleport
-    from teleport_cli.checkpoint import load_checkpoint
     from teleport_cli.data import load_tensor_data
-    from teleport_cli.models import load_strict, model_from_metadata
 
-    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(samples / "mlp_digits_mid.safetensors")[0]
     cal = load_tensor_data(samples / "digits_calibration.safetensors")
     out = teleport(model, cal, TeleportConfig(method="levelset", steps=5, holdout_tolerance=1.0), holdout=cal)
     x64, y = cal.inputs.double(), cal.targets

@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.config import TeleportConfig
 from teleport_cli.data import load_tensor_data
 from teleport_cli.errors import ConfigError
-from teleport_cli.models import MLP, load_strict, model_from_metadata
+from teleport_cli.models import MLP, load_model
 from teleport_cli.objectives import LOSS_FUNCTIONS
 from teleport_cli.symmetry import act, objective, symmetry_teleport
 
@@ -104,9 +103,7 @@ def _mean_loss_and_grad_norm(model, x, y):
 
 
 def test_run_on_the_mid_checkpoint_raises_the_gradient_norm_within_tolerance(samples):
-    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(samples / "mlp_digits_mid.safetensors")[0]
     model.eval()
     cal = load_tensor_data(samples / "digits_calibration.safetensors")
     config = TeleportConfig(steps=3)

@@ -9,17 +9,14 @@ from torch import nn
 from torch.func import functional_call
 
 from teleport_cli import TeleportConfig, teleport
-from teleport_cli.checkpoint import load_checkpoint
 from teleport_cli.data import load_tensor_data
-from teleport_cli.models import MLP, load_strict, model_from_metadata
+from teleport_cli.models import MLP, load_model
 from teleport_cli.objectives import cross_entropy_sum, full_gradient, hessian_vector_product
 
 
 @pytest.fixture
 def mid_model(samples):
-    ck = load_checkpoint(samples / "mlp_digits_mid.safetensors")
-    model, _, _ = model_from_metadata(ck.metadata, ck.path)
-    load_strict(model, ck.state_dict, ck.path)
+    model = load_model(samples / "mlp_digits_mid.safetensors")[0]
     return model
 
 

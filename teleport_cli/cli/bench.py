@@ -62,9 +62,8 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
           objective, tau, teleport_steps, step_size, device, out_dir, as_json) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench import run_bench
-    from ..checkpoint import load_checkpoint
     from ..data import load_tensor_data
-    from ..models import load_strict, model_from_metadata, resolve_device
+    from ..models import load_model, resolve_device
 
     try:
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
@@ -76,9 +75,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
-        ckpt = load_checkpoint(checkpoint)
-        model, _, _ = model_from_metadata(ckpt.metadata, checkpoint)
-        load_strict(model, ckpt.state_dict, checkpoint)
+        model = load_model(checkpoint)[0]
         model.to(resolve_device(device))
         train = load_tensor_data(train_path, what="training")
         hold = load_tensor_data(holdout, what="held-out")
