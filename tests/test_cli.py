@@ -134,6 +134,11 @@ def test_refuses_to_overwrite_existing_output_and_inputs(files):
     assert src.read_bytes() == before
     r = run(*_args(files, out, "--force", "-q"))
     assert r.exit_code == 0 and out.read_bytes() != b"keep me"
+    dangling = files / "dangling.safetensors"
+    dangling.symlink_to(files / "nowhere.safetensors")
+    r = run(*_args(files, dangling))
+    assert r.exit_code == 6 and "link to a missing file" in r.stderr
+    assert dangling.is_symlink() and not (files / "nowhere.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -214,6 +219,23 @@ def test_module_entry_point_separates_stdout_and_stderr(files, tmp_path):
     assert p.returncode == 3
     assert p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_usage_errors_are_one_line_with_exit_2(files):
+    """click's own usage errors (missing option, bad value, unknown command) end in one stderr line."""
+    import subprocess
+    import sys
+
+    cases = [["apply"], ["bench", str(files / "mlp_digits_mid.safetensors")], ["nope"],
+             ["apply", str(files / "mlp_digits_mid.safetensors"), "--tau", "x", "--data", "d", "-o", "o"]]
+    for args in cases:
+        p = subprocess.run([sys.executable, "-m", "teleport_cli", *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stderr)
+        assert p.stdout == ""
+        assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
+        assert "--help" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "teleport_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("teleport, version")
 
 
 def test_safetensors_named_pt_is_recognised_and_outputs_follow_the_umask(files, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.text import Text
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL
@@ -39,11 +40,24 @@ cli.add_command(bench)
 
 
 def main() -> None:
-    """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""
+    """Console-script entry point.
+
+    Usage errors (click's) print one line, ``error: <what> (see 'teleport CMD --help')``, and exit
+    2; unexpected exceptions (bugs) exit 1 with their traceback.
+    """
     try:
-        cli(standalone_mode=True)
+        code = cli(standalone_mode=False)
     except SystemExit:
         raise
+    except click.exceptions.Abort:
+        stderr_console().print("aborted")
+        sys.exit(1)
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(e.format_message().split())
+        stderr_console().print(Text.assemble(("error: ", "bold red"), message + where), soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         stderr_console().print("interrupted")
         sys.exit(130)
@@ -52,3 +66,4 @@ def main() -> None:
 
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -77,8 +77,9 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
             raise OutputError(f"output {output} is a folder, but this checkpoint is a file", hint=f"pass a file path ending in {suffixes[0]}")
         if not str(out).endswith(suffixes):
             raise OutputError(f"output {output} must end in {' or '.join(suffixes)}", hint="the output is written in the same container as the input")
-    if out.exists() and not force:
-        raise OutputError(f"output {output} already exists", hint="pass --force to replace it, or choose another -o")
+    if (out.exists() or out.is_symlink()) and not force:  # a dangling link is something the user made, too
+        what = "is a link to a missing file" if not out.exists() else "already exists"
+        raise OutputError(f"output {output} {what}", hint="pass --force to replace it, or choose another -o")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
