@@ -128,21 +128,34 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model(path) -> tuple[nn.Module, "Checkpoint", str, dict]:
-    """Read a checkpoint, rebuild its model from the metadata and load it strictly.
+def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False, like: dict | None = None) -> tuple[nn.Module, "LoadedCheckpoint", str, dict]:
+    """Read a checkpoint, rebuild its model from the metadata and load one weight set strictly.
+
+    The same reading as ``teleport apply``: any container of :mod:`teleport_cli.formats`,
+    wrapper prefixes (``module.``, ``_orig_mod.``) removed, tied weights filled in.
+
+    Args:
+        path: checkpoint file or folder.
+        weights: ``state_dict`` (the training weights) or ``ema`` (the EMA weights).
+        trust_pickle: unpickle without the weights-only restriction (runs code from the file).
+        like: build the model from this metadata instead of the file's (a second checkpoint
+            of the same architecture that does not name one).
 
     Returns:
-        (model, checkpoint, arch, model_kwargs).
+        (model in eval mode on the CPU, the checkpoint as read, arch, model_kwargs).
 
     Raises:
-        InputError: unreadable file, no or unknown architecture, tensors that do not fit.
+        InputError: unreadable file, no or unknown architecture, tensors that do not fit,
+            ``weights="ema"`` on a checkpoint without EMA weights.
     """
-    from .checkpoint import load_checkpoint
+    from .formats import read_checkpoint
+    from .training_state import FileOptions, model_state, plan
 
-    ckpt = load_checkpoint(path)
-    model, arch, kwargs = model_from_metadata(ckpt.metadata, str(path))
-    load_strict(model, ckpt.state_dict, str(path))
-    return model, ckpt, arch, kwargs
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    chosen = plan(ckpt, FileOptions(weights=weights, trust_pickle=trust_pickle))
+    model, arch, kwargs = model_from_metadata(ckpt.metadata if like is None else like, str(path))
+    load_strict(model, model_state(chosen, model), str(path))
+    return model.eval(), ckpt, arch, kwargs
 
 
 def resolve_device(name: str) -> torch.device:

@@ -213,6 +213,7 @@ class ApplyResult:
     arch: str
     source: str
     files: dict | None = None  # container, which weights moved, EMA/optimizer, storage-dtype check
+    original: nn.Module | None = None  # the model before the teleport (for apply --report)
 
     def to_dict(self) -> dict:
         """The JSON document of ``teleport apply --json``."""
@@ -319,7 +320,7 @@ def apply(
     device = resolve_device(config.device)
     model.to(device)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
-    result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint))
+    result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model)
     if outcome.stats.steps_accepted == 0:
         raise NoStepAccepted(
             f"no teleport step was accepted ({outcome.stats.stop_reason}): the weights did not move",

@@ -12,11 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from .audit import Audit, AuditSettings, audit_models
-from .checkpoint import load_checkpoint
 from .config import TeleportConfig
 from .data import load_tensor_data, split_holdout
 from .errors import InputError
-from .models import load_model, load_strict, model_from_metadata, resolve_device
+from .formats import read_checkpoint
+from .models import load_model, resolve_device
 
 
 def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
@@ -26,7 +26,7 @@ def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
         return metadata.get("arch"), {}
 
 
-def load_pair(a_path: str | Path, b_path: str | Path | None) -> tuple[nn.Module, nn.Module | None, str]:
+def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "state_dict", trust_pickle: bool = False) -> tuple[nn.Module, nn.Module | None, str]:
     """Rebuild checkpoint A from its metadata and load B into the same architecture.
 
     B may lack the ``arch`` metadata (a file this tool did not write): its tensors must then fit
@@ -38,18 +38,17 @@ def load_pair(a_path: str | Path, b_path: str | Path | None) -> tuple[nn.Module,
     Raises:
         InputError: unreadable files, different architectures, or B's tensors do not fit.
     """
-    a, ca, arch, kwargs = load_model(a_path)
+    a, ca, arch, kwargs = load_model(a_path, weights=weights, trust_pickle=trust_pickle)
     if b_path is None:
         return a.eval(), None, arch
-    cb = load_checkpoint(b_path)
+    cb = read_checkpoint(b_path, trust_pickle=trust_pickle)
     arch_b, kwargs_b = _spec(cb.metadata)
     if arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs):
         raise InputError(
             f"{a_path} and {b_path} are different architectures ({arch} {json.dumps(kwargs)} vs {arch_b} {json.dumps(kwargs_b)})",
             hint="teleport report compares two checkpoints of the same architecture",
         )
-    b, _, _ = model_from_metadata(ca.metadata, str(a_path))
-    load_strict(b, cb.state_dict, str(b_path))
+    b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata)[0]
     return a.eval(), b.eval(), arch
 
 
@@ -61,6 +60,8 @@ def report(
     settings: AuditSettings | None = None,
     *,
     device: str = "auto",
+    weights: str = "state_dict",
+    trust_pickle: bool = False,
 ) -> Audit:
     """Audit checkpoint A (and B against it) on the calibration and optional held-out files.
 
@@ -68,7 +69,7 @@ def report(
         InputError (exit 3): unreadable or unfit inputs, different architectures.
         ConfigError (exit 2): an unknown ``spectrum_layers`` name.
     """
-    a, b, arch = load_pair(a_path, b_path)
+    a, b, arch = load_pair(a_path, b_path, weights=weights, trust_pickle=trust_pickle)
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
     dev = resolve_device(device)
@@ -88,9 +89,7 @@ def report_for_apply(result, data: str | Path, holdout: str | Path | None, confi
     held-out split when no held-out file was given). Gates use the teleport's tolerances.
     """
     moved = result.outcome.model.eval()
-    device = next(moved.parameters()).device
-    a, _, _ = load_pair(result.source, None)
-    a.to(device)
+    a = result.original.eval()  # the weights apply teleported (also --weights ema, --model)
     cal = load_tensor_data(data, what="calibration")
     if holdout is None:
         cal, hold, _ = split_holdout(cal, config.holdout_fraction, config.seed)

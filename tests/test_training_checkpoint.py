@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from _ckpt import CAL, HOLD, MOVABLE, identical, loss64, mid_state, mlp, run
+from _ckpt import CAL, HOLD, MID, MOVABLE, identical, loss64, mid_state, mlp, run
 from teleport_cli.cli import cli
 from teleport_cli.errors import ConfigError, InputError
 from teleport_cli.formats import read_checkpoint
@@ -140,3 +140,30 @@ def test_legacy_pickle_format_lists_its_unsafe_globals_too(tmp_path):
     ok = tmp_path / "ok.pth"
     torch.save({"state_dict": mid_state(), "args": argparse.Namespace(model="mlp")}, ok, _use_new_zipfile_serialization=False)
     assert read_checkpoint(ok).metadata["arch"] == "mlp"
+
+
+def test_report_inspect_and_bench_read_the_weight_set_apply_reads(tmp_path):
+    """A DDP-wrapped (module.) training checkpoint with EMA weights: report, inspect and bench
+    read the chosen set through apply's loader; the losses are float64 references of that set."""
+    src = tmp_path / "ddp.pth.tar"
+    obj = _training_checkpoint(src)
+    obj["state_dict"] = {"module." + k: v for k, v in obj["state_dict"].items()}
+    obj["state_dict_ema"] = {"module." + k: v for k, v in obj["state_dict_ema"].items()}
+    torch.save(obj, src)
+    plain = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
+    ema = {k.removeprefix("module."): v for k, v in obj["state_dict_ema"].items()}
+    r = CliRunner().invoke(cli, ["report", str(src), str(src), "--data", str(CAL), "--weights", "ema", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    cal = json.loads(r.stdout)["datasets"]["calibration"]
+    assert cal["loss_a"] == pytest.approx(loss64(ema), rel=1e-5) and cal["loss_b"] == cal["loss_a"]
+    r = CliRunner().invoke(cli, ["report", str(src), str(src), "--data", str(CAL), "--holdout", str(HOLD), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["datasets"]["holdout"]["loss_a"] == pytest.approx(loss64(plain, HOLD), rel=1e-5)
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--data", str(CAL), "--weights", "ema", "--json", "-q"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["layers"]) == 3, r.output
+    r = CliRunner().invoke(cli, ["bench", str(src), "--data", str(CAL), "--holdout", str(HOLD), "--weights", "ema", "--steps", "10",
+                                 "--seeds", "1", "--variants", "original", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["variants"]["original"]["holdout_curve_mean"][0][1] == pytest.approx(loss64(ema, HOLD), rel=1e-5)
+    r = CliRunner().invoke(cli, ["report", str(MID), "--data", str(CAL), "--weights", "ema"])
+    assert r.exit_code == 3 and "has no EMA weights" in r.stderr

@@ -9,8 +9,8 @@ from rich.table import Table
 
 from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
-from ..training_state import WEIGHT_CHOICES, FileOptions
-from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
+from ..training_state import FileOptions
+from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -79,10 +79,9 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the architecture; replaces the metadata's.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded (--seed) random choice of this many calibration samples.")
 @click.option("--force", is_flag=True, help="Replace an existing output file or folder (atomically).")
-@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default="state_dict", show_default=True, help="Which weights of a training checkpoint to teleport.")
+@weight_options("teleport")
 @click.option("--keep-ema", is_flag=True, help="Leave EMA weights untouched (default: re-seed them with the teleported weights).")
 @click.option("--keep-optimizer-state", is_flag=True, help="Keep the optimizer state (default: drop it, it describes the old weights).")
-@click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..bench import OPTIMIZERS, VARIANTS, BenchSettings
 from ..config import DEVICES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
-from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console
+from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -58,8 +58,9 @@ def _table(doc: dict) -> Table:
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@weight_options("resume training from")
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
-          objective, tau, teleport_steps, step_size, device, out_dir, as_json) -> None:
+          objective, tau, teleport_steps, step_size, device, out_dir, as_json, weights, trust_pickle) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench import run_bench
     from ..data import load_tensor_data
@@ -75,7 +76,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
-        model = load_model(checkpoint)[0]
+        model = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle)[0]
         model.to(resolve_device(device))
         train = load_tensor_data(train_path, what="training")
         hold = load_tensor_data(holdout, what="held-out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -58,3 +59,15 @@ def fail(err: TeleportError) -> None:
     """Print the error's one line on stderr and exit with its code."""
     stderr_console().print(Text.assemble(("error: ", "bold red"), err.one_line()), soft_wrap=True)
     sys.exit(err.exit_code)
+
+
+def weight_options(verb: str):
+    """``--weights`` and ``--trust-pickle``: which weight set of a checkpoint a command reads."""
+    from ..training_state import WEIGHT_CHOICES
+
+    def decorate(f):
+        f = click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")(f)
+        return click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default="state_dict", show_default=True,
+                            help=f"Which weights of a training checkpoint to {verb}.")(f)
+
+    return decorate

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..config import DEVICES, TeleportConfig
 from ..errors import TeleportError
-from .common import EXIT_CODES_HELP, fail, stderr_console
+from .common import EXIT_CODES_HELP, fail, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -34,13 +34,14 @@ def _table(doc: dict) -> Table:
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stderr.")
-def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet) -> None:
+@weight_options("inspect")
+def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet, weights, trust_pickle) -> None:
     """One row per layer of CHECKPOINT on the calibration set: kind, d_in, rank of its Gram,
     null-space dimension at --tau, and whether it will be teleported (or why not)."""
     from ..survey import inspect_checkpoint
 
     try:
-        doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device).to_dict()
+        doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device, weights=weights, trust_pickle=trust_pickle).to_dict()
     except TeleportError as e:
         fail(e)
     if not quiet:

@@ -12,7 +12,7 @@ from rich.text import Text
 from ..audit import AuditSettings
 from ..config import DEVICES
 from ..errors import EXIT_VERIFICATION_FAILED, TeleportError
-from .common import EXIT_CODES_HELP, fail, stderr_console
+from .common import EXIT_CODES_HELP, fail, stderr_console, weight_options
 
 D = AuditSettings()
 
@@ -107,8 +107,9 @@ def render(doc: dict) -> None:
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, help="Write a self-contained HTML page with plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No tables on stderr.")
+@weight_options("audit (the same set of A and B)")
 def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau, radius, iterations, probes, spectrum_layers,
-           seed, batch_size, device, html_out, as_json, quiet) -> None:
+           seed, batch_size, device, html_out, as_json, quiet, weights, trust_pickle) -> None:
     """Audit checkpoint A, or checkpoint B against A: losses, logits, layer drift, curvature.
 
     With B, exits 4 when B's loss drifts from A's beyond --tolerance (calibration) or
@@ -125,7 +126,7 @@ def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau,
         inputs = [a, b, data, holdout]
         if html_out is not None:
             check_html_path(html_out, inputs)
-        audit = run_report(a, b, data, holdout, settings, device=device)
+        audit = run_report(a, b, data, holdout, settings, device=device, weights=weights, trust_pickle=trust_pickle)
         if html_out is not None:
             audit.doc["html"] = str(write_html(html_out, render_html(audit), inputs))
     except TeleportError as e:
