@@ -33,23 +33,24 @@ def main() -> None:
           "Regenerate with `.venv/bin/python bench/sweep_defaults.py > docs/defaults.md`.\n")
     print("Targets (issue 2): gradient norm up at least 1.5x, relative calibration-loss drift under 1e-2, "
           "verification passes.\n")
-    print("## 1. The null-space step: tau, step size, tangent step (grad-norm objective, 50 steps, max step 0.5)\n")
+    print("## 1. The null-space step: tau, step size, tangent step (grad-norm objective, 50 steps, max step 0.5, fixed step length)\n")
     print("| tau | step size | tangent step | grad-norm ratio | calibration drift | held-out drift | accepted / rejected | stop | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for tau, ss, tangent in itertools.product([0.9, 0.99, 0.999, 1.0], [0.003, 0.01, 0.03], [True, False]):
-        cfg = TeleportConfig(tau=tau, step_size=ss, steps=50, max_step=0.5, tangent=tangent, holdout_tolerance=1.0, objective="grad-norm")
+        cfg = TeleportConfig(tau=tau, step_size=ss, steps=50, max_step=0.5, tangent=tangent, holdout_tolerance=1.0, objective="grad-norm",
+                             step_growth=1.0)
         t0 = time.perf_counter()
         o = teleport(model, cal, cfg, holdout=hold)
         v = o.verification
         print(f"| {tau} | {ss} | {'yes' if tangent else 'no'} | {o.stats.grad_norm_ratio:.2f} | {v.calibration.loss_drift:.2e} | "
               f"{v.holdout.loss_drift:.2e} | {o.stats.steps_accepted} / {o.stats.steps_rejected} | {o.stats.stop_reason} | {time.perf_counter() - t0:.2f} |")
-    print("\n## 2. Objective, steps and per-layer cap (tau 0.99, step 0.01, tangent step)\n")
+    print("\n## 2. Objective, steps and per-layer cap (tau 0.99, step 0.01, tangent step, fixed step length)\n")
     print("The resumed-training effect of these settings was measured with `teleport bench` "
           "(SGD lr 0.05, momentum 0.01, Adam 1e-3; K = 200; 3 seeds); see docs/benchmarks.md.\n")
     print("| objective | steps | max step | grad-norm ratio | calibration drift | held-out drift | accepted / rejected | stop | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for obj, steps, ms in itertools.product(["grad-norm", "lookahead"], [50, 100, 150], [0.5, 1.0, 2.0]):
-        cfg = TeleportConfig(steps=steps, max_step=ms, objective=obj, holdout_tolerance=1.0)
+        cfg = TeleportConfig(steps=steps, max_step=ms, objective=obj, holdout_tolerance=1.0, step_growth=1.0)
         t0 = time.perf_counter()
         o = teleport(model, cal, cfg, holdout=hold)
         v = o.verification
@@ -65,6 +66,18 @@ def main() -> None:
           "final loss in 0.55 (SGD), 0.61 (momentum) and 0.86 (Adam) of the steps, where grad-norm with the same cap "
           "gave 0.73, 0.79 and never (one Adam seed). Defaults: lookahead, 100 steps, max step 1.0, tau 0.99, "
           "step 0.01, tangent step; the look-ahead lr is --lr when given, else 1/lambda_max.")
+    print("\n## 3. Step growth (defaults otherwise: look-ahead at 1/lambda_max, 100 steps, max step 1.0, guard 0.2)\n")
+    print("A step accepted at its first try multiplies the next step length by the growth factor (up to max step); "
+          "a rejection halves it. The growth was added after the sweeps above, to cut the teleport's cost: see "
+          "docs/break_even.md for what that cost means for resumed training.\n")
+    print("| step growth | grad-norm ratio | calibration drift | held-out drift | accepted / rejected | stop | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for growth in (1.0, 1.5, 2.0, 4.0):
+        t0 = time.perf_counter()
+        o = teleport(model, cal, TeleportConfig(step_growth=growth), holdout=hold)
+        v = o.verification
+        print(f"| {growth:g} | {o.stats.grad_norm_ratio:.2f} | {v.calibration.loss_drift:.2e} | {v.holdout.loss_drift:.2e} | "
+              f"{o.stats.steps_accepted} / {o.stats.steps_rejected} | {o.stats.stop_reason} | {time.perf_counter() - t0:.2f} |")
 
 
 if __name__ == "__main__":

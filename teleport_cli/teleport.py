@@ -8,7 +8,10 @@ Each step (arXiv:2502.11362, Algorithm 1, with the step control of the design no
 3. take a normalised step ``W += eta * ||W_T|| * P / ||P||`` (``W_T``: all teleported weights),
    then cap each layer's total relative change ``||W - W0|| / ||W0||`` at ``max_step``;
 4. accept if the calibration-loss drift ``|L - L0| <= tolerance * |L0| + 1e-6 + noise floor``
-   and the objective improved; otherwise restore, halve ``eta`` and retry (``max_backtracks``).
+   and the objective improved; otherwise restore, halve ``eta`` and retry (``max_backtracks``);
+   after a step accepted at its first try, ``eta`` grows by ``step_growth`` (up to
+   ``max_step``): a backtracking line search with a growing first trial, as in trust-region
+   methods (Nocedal and Wright, Numerical Optimization, Sec. 3.5 and 4.1).
 
 The loop changes the given model's weights in place (the caller passes a copy), reports
 progress through a callback and never prints.
@@ -170,6 +173,8 @@ def ascend(
         if log.accept(eta, state.loss, state.grad_norm, backtracks):
             stop = "target_ratio"
             break
+        if backtracks == 0:
+            eta = min(eta * config.step_growth, config.max_step)
     return TeleportStats(
         loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
         tuple(log.history), objective.name, score0, score,

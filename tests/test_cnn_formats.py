@@ -16,7 +16,7 @@ from teleport_cli.config import TeleportConfig
 from teleport_cli.formats.single import write_safetensors
 from teleport_cli.pipeline import apply
 
-CFG = TeleportConfig(steps=3, device="cpu")
+CFG = TeleportConfig(steps=3, device="cpu", step_growth=1.0)  # fixed steps: these tests are about what is written
 
 
 def _data(tmp_path, shape, n_cal, n_hold, classes=3):

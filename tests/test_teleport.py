@@ -127,6 +127,32 @@ def test_max_step_caps_each_layers_relative_change(mid_model, samples):
         assert rel == pytest.approx(layer.rel_weight_change, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.parametrize("growth", [1.0, 2.0])
+def test_step_length_grows_after_first_try_acceptances_and_halves_on_rejections(mid_model, samples, growth):
+    """The recorded step lengths follow the rule: the first trial of step i+1 is
+    min(growth * eta_i, max_step) if step i was accepted at its first try, else eta_i; each
+    rejection halves it. Every accepted point stays within the drift bound (float64 check)."""
+    cal = load_tensor_data(samples / "digits_calibration.safetensors")
+    config = TeleportConfig(objective="grad-norm", steps=30, step_growth=growth, max_step=0.5, holdout_tolerance=1.0)
+    out = teleport(mid_model, cal, config)
+    hist = out.stats.history
+    assert len(hist) >= 5
+    trial = config.step_size
+    for rec in hist:
+        assert rec.step_size == pytest.approx(trial * 0.5 ** rec.backtracks, rel=1e-12)
+        trial = min(rec.step_size * growth, config.max_step) if rec.backtracks == 0 else rec.step_size
+    if growth > 1:
+        assert max(r.step_size for r in hist) > config.step_size  # it did grow
+    else:
+        assert max(r.step_size for r in hist) == config.step_size
+    m0, m1 = copy.deepcopy(mid_model).double(), copy.deepcopy(out.model).double()
+    cal_in = cal.subset(torch.tensor(sorted(set(range(len(cal))) - set(out.holdout_indices))))
+    with torch.no_grad():
+        l0 = F.cross_entropy(m0(cal_in.inputs.double()), cal_in.targets).item()
+        l1 = F.cross_entropy(m1(cal_in.inputs.double()), cal_in.targets).item()
+    assert abs(l1 - l0) <= config.tolerance * l0 + 1e-6 + out.verification.noise_floor + 1e-6
+
+
 def test_library_leaves_the_original_model_and_its_mode_untouched(mid_model, samples):
     cal = load_tensor_data(samples / "digits_calibration.safetensors")
     before = {k: v.clone() for k, v in mid_model.state_dict().items()}

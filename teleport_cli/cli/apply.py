@@ -56,6 +56,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--steps", type=int, default=D.steps, show_default=True, help="Maximum accepted ascent steps.")
 @click.option("--step-size", type=float, default=D.step_size, show_default=True, help="Step length relative to the norm of the teleported weights.")
+@click.option("--step-growth", type=float, default=D.step_growth, show_default=True, help="Factor on the step length after a step accepted at its first try (1 = fixed).")
 @click.option("--max-step", type=float, default=D.max_step, show_default=True, help="Cap on each layer's relative weight change ||W-W0||/||W0||.")
 @click.option("--tolerance", type=float, default=D.tolerance, show_default=True, help="Allowed relative calibration-loss drift.")
 @click.option("--holdout-tolerance", type=float, default=D.holdout_tolerance, show_default=True, help="Allowed relative held-out-loss drift.")
@@ -85,7 +86,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
-def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, tolerance, holdout_tolerance, target_ratio,
+def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
           method, objective, lr, momentum, lookahead_steps, probes, guard_fraction, tangent, batch_size, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
@@ -93,7 +94,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, max_step, to
 
     try:
         config = TeleportConfig(
-            tau=tau, steps=steps, step_size=step_size, max_step=max_step, tolerance=tolerance,
+            tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
             guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss or D.loss,
