@@ -121,6 +121,23 @@ def fmt(mean, std=None, digits=3):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+NAMES = {"mlp": "MLP", "resnet": "test_resnet", "vit": "test_vit", "convnext": "test_convnext", "char_lm": "char_lm"}
+
+
+def summary_table(cells: dict[tuple[str, str], dict]) -> str:
+    """The findings' overview: steps_to_target_ratio of the main variants per cell (mean over seeds)."""
+    rows = ["| checkpoint, optimizer | null-space teleport | random null-space move | level-set | original touches its own final loss at | final loss: original → teleported |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for (name, opt), doc in cells.items():
+        v, w, k = doc["variants"], doc["settings"]["window"], doc["settings"]["steps"]
+        ref = v["original"]["train_curve_mean"]
+        own = steps_to_target(ref, statistics.fmean(ref[-w:]), w)
+        r = [fmt(v[x].get("steps_to_target_ratio"), digits=2) if x in v else "-" for x in ("nullspace", "random", "levelset")]
+        rows.append(f"| {NAMES.get(name, name)}, {opt} | {' | '.join(r)} | {fmt(None if own is None else own / k, digits=2)} | "
+                    f"{v['original']['final_loss_mean']:.3f} → {v['nullspace']['final_loss_mean']:.3f} |")
+    return "\n".join(rows)
+
+
 def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: str) -> None:
     lines = [
         "# Resumed-training benchmark",
@@ -137,7 +154,7 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
     ]
     findings = ROOT / "bench" / "findings.md"
     if findings.exists():
-        lines += [findings.read_text().strip(), ""]
+        lines += [findings.read_text().strip().replace("{summary_table}", summary_table(cells)), ""]
     for (name, opt), doc in cells.items():
         s = doc["settings"]
         w, k = s["window"], s["steps"]

@@ -64,6 +64,10 @@ def build_model(arch: str, kwargs: dict | None = None) -> nn.Module:
         return timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, ValueError) as e:
         raise InputError(f"architecture {arch!r} does not accept these model kwargs: {e}", hint="check model_kwargs") from None
+    except (RuntimeError, MemoryError) as e:  # negative or absurd widths: torch refuses to allocate
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"architecture {arch!r} cannot be built with model kwargs {json.dumps(kwargs, default=str)}: {first}",
+                         hint="check model_kwargs") from None
 
 
 def model_from_metadata(metadata: dict[str, str], source: str) -> tuple[nn.Module, str, dict]:
@@ -128,7 +132,8 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False, like: dict | None = None) -> tuple[nn.Module, "LoadedCheckpoint", str, dict]:
+def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False, like: dict | None = None,
+               model_spec: str | None = None, model_kwargs: str | dict | None = None) -> tuple[nn.Module, "LoadedCheckpoint", str, dict]:
     """Read a checkpoint, rebuild its model from the metadata and load one weight set strictly.
 
     The same reading as ``teleport apply``: any container of :mod:`teleport_cli.formats`,
@@ -140,6 +145,8 @@ def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False,
         trust_pickle: unpickle without the weights-only restriction (runs code from the file).
         like: build the model from this metadata instead of the file's (a second checkpoint
             of the same architecture that does not name one).
+        model_spec, model_kwargs: ``--model`` and ``--model-kwargs``
+            (:func:`teleport_cli.factories.choose_model`); they override the metadata.
 
     Returns:
         (model in eval mode on the CPU, the checkpoint as read, arch, model_kwargs).
@@ -148,12 +155,14 @@ def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False,
         InputError: unreadable file, no or unknown architecture, tensors that do not fit,
             ``weights="ema"`` on a checkpoint without EMA weights.
     """
+    from .factories import choose_model
     from .formats import read_checkpoint
     from .training_state import FileOptions, model_state, plan
 
     ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
-    chosen = plan(ckpt, FileOptions(weights=weights, trust_pickle=trust_pickle))
-    model, arch, kwargs = model_from_metadata(ckpt.metadata if like is None else like, str(path))
+    chosen = plan(ckpt, FileOptions(weights=weights, trust_pickle=trust_pickle, keep_ema=weights != "ema"))  # read only: no EMA is re-seeded
+    built = choose_model(ckpt.metadata if like is None else like, str(path), model_spec, model_kwargs)
+    model, arch, kwargs = built.model, built.arch, built.kwargs
     load_strict(model, model_state(chosen, model), str(path))
     return model.eval(), ckpt, arch, kwargs
 

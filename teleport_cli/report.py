@@ -26,11 +26,13 @@ def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
         return metadata.get("arch"), {}
 
 
-def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "state_dict", trust_pickle: bool = False) -> tuple[nn.Module, nn.Module | None, str]:
+def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "state_dict", trust_pickle: bool = False,
+              model_spec: str | None = None, model_kwargs: str | dict | None = None) -> tuple[nn.Module, nn.Module | None, str]:
     """Rebuild checkpoint A from its metadata and load B into the same architecture.
 
     B may lack the ``arch`` metadata (a file this tool did not write): its tensors must then fit
-    A's model strictly. When both name an architecture, they must name the same one.
+    A's model strictly. When both name an architecture, they must name the same one, unless
+    ``model_spec``/``model_kwargs`` (``--model``, ``--model-kwargs``) choose it for both.
 
     Returns:
         (model A, model B or None, arch), both in eval mode on the CPU.
@@ -38,17 +40,18 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
     Raises:
         InputError: unreadable files, different architectures, or B's tensors do not fit.
     """
-    a, ca, arch, kwargs = load_model(a_path, weights=weights, trust_pickle=trust_pickle)
+    given = {"model_spec": model_spec, "model_kwargs": model_kwargs}
+    a, ca, arch, kwargs = load_model(a_path, weights=weights, trust_pickle=trust_pickle, **given)
     if b_path is None:
         return a.eval(), None, arch
     cb = read_checkpoint(b_path, trust_pickle=trust_pickle)
     arch_b, kwargs_b = _spec(cb.metadata)
-    if arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs):
+    if model_spec is None and model_kwargs is None and arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs):
         raise InputError(
             f"{a_path} and {b_path} are different architectures ({arch} {json.dumps(kwargs)} vs {arch_b} {json.dumps(kwargs_b)})",
-            hint="teleport report compares two checkpoints of the same architecture",
+            hint="teleport report compares two checkpoints of the same architecture; --model and --model-kwargs choose one for both",
         )
-    b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata)[0]
+    b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata, **given)[0]
     return a.eval(), b.eval(), arch
 
 
@@ -62,6 +65,8 @@ def report(
     device: str = "auto",
     weights: str = "state_dict",
     trust_pickle: bool = False,
+    model_spec: str | None = None,
+    model_kwargs: str | dict | None = None,
 ) -> Audit:
     """Audit checkpoint A (and B against it) on the calibration and optional held-out files.
 
@@ -69,7 +74,7 @@ def report(
         InputError (exit 3): unreadable or unfit inputs, different architectures.
         ConfigError (exit 2): an unknown ``spectrum_layers`` name.
     """
-    a, b, arch = load_pair(a_path, b_path, weights=weights, trust_pickle=trust_pickle)
+    a, b, arch = load_pair(a_path, b_path, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
     cal = load_tensor_data(data, what="calibration")
     hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
     dev = resolve_device(device)
@@ -78,6 +83,7 @@ def report(
         b.to(dev)
     audit = audit_models(a, b, cal, hold, settings, sources=(str(a_path), str(b_path) if b_path is not None else None))
     audit.doc["arch"] = arch
+    audit.doc["weights"] = weights
     return audit
 
 

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from .audit import Audit  # noqa: E402
 from .bases import EPS64, null_mask  # noqa: E402
 from .errors import OutputError  # noqa: E402
+from .formats.atomic import resolve_output  # noqa: E402
 
 TAU_GRID = (0.5, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0)
 
@@ -173,8 +174,9 @@ def check_html_path(path: str | Path, inputs: list, flag: str = "--html") -> Pat
             end in ``.html``/``.htm``, or its folder does not exist.
     """
     out = Path(path)
+    resolved = resolve_output(out, flag)
     for i in inputs:
-        if i is not None and (out.resolve() == Path(i).resolve() or (out.exists() and Path(i).exists() and os.path.samefile(out, i))):
+        if i is not None and (resolved == Path(i).resolve() or (out.exists() and Path(i).exists() and os.path.samefile(out, i))):
             raise OutputError(f"{flag} {path} would overwrite {i}", hint="teleport-cli never writes over an input or the checkpoint it writes; choose another page name")
     if out.suffix.lower() not in (".html", ".htm"):
         raise OutputError(f"{flag} {path} must end in .html", hint=f"e.g. {flag} report.html")

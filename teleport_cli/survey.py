@@ -133,11 +133,12 @@ class InspectResult:
 
 
 def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.99, *, batch_size: int = 256, device: str = "auto",
-                       weights: str = "state_dict", trust_pickle: bool = False) -> InspectResult:
+                       weights: str = "state_dict", trust_pickle: bool = False, model_spec: str | None = None,
+                       model_kwargs: str | dict | None = None) -> InspectResult:
     """Load a checkpoint and a calibration file and survey every layer at ``tau``.
 
-    ``weights`` and ``trust_pickle`` choose and read the weight set as ``teleport apply`` does
-    (:func:`teleport_cli.models.load_model`).
+    ``weights``, ``trust_pickle``, ``model_spec`` and ``model_kwargs`` choose the weight set and
+    the architecture as ``teleport apply`` does (:func:`teleport_cli.models.load_model`).
 
     Raises:
         InputError (exit 3): unreadable checkpoint or data, data that do not fit the model.
@@ -149,7 +150,7 @@ def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.
     from .models import load_model, resolve_device
 
     TeleportConfig(tau=tau, batch_size=batch_size, device=device)  # validates the values
-    model, ckpt, arch, _ = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle)
+    model, ckpt, arch, _ = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
     cal: TensorData = load_data(data, checkpoint_data_config(ckpt.metadata, str(checkpoint)), model, what="calibration").data
     model.to(resolve_device(device))
     return InspectResult(str(checkpoint), str(data), arch, tau, survey_model(model, cal, tau, batch_size=batch_size))

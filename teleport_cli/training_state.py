@@ -90,6 +90,10 @@ def model_state(p: Plan, model: nn.Module) -> dict[str, torch.Tensor]:
     Wrapper prefixes are removed (also inner ``module.`` components that match the model);
     a tied key stored once (as ``safetensors.torch.save_model`` does) fills its partners.
     Every weight set's key map is recorded for writing back.
+
+    Raises:
+        InputError: the EMA weights that will be re-seeded have tensors whose shapes do not fit
+            the model (found now, before any work, not when writing).
     """
     keys, tied = _model_keys(model)
     for name, ws in p.ckpt.weights.items():
@@ -98,6 +102,14 @@ def model_state(p: Plan, model: nn.Module) -> dict[str, torch.Tensor]:
         if sum(k in keys for k in ws.tensors) > sum(m in keys for m in kmap.values()):
             kmap = {k: k for k in ws.tensors}  # the model itself has a submodule named module/_orig_mod
         p.key_maps[name] = kmap
+    if p.ema is not None and p.ema != p.source and not p.options.keep_ema:
+        shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+        kmap = p.key_maps[p.ema]
+        bad = [f"{k} {tuple(t.shape)} vs {shapes[kmap[k]]}" for k, t in p.ckpt.weights[p.ema].tensors.items()
+               if kmap[k] in shapes and tuple(t.shape) != shapes[kmap[k]]]
+        if bad:
+            raise InputError(f"{p.ckpt.path}: EMA weights {p.ema} do not fit the model: {'; '.join(bad)}",
+                             hint="pass --keep-ema to leave them as they are, or fix the checkpoint")
     ws = p.ckpt.weights[p.source]
     state = {p.key_maps[p.source][k]: t for k, t in ws.tensors.items()}
     for group in tied:

@@ -249,3 +249,85 @@ def test_force_over_a_link_replaces_the_link_and_leaves_its_target(tmp_path):
         (tmp / "new").write_text("new")
     assert not (tmp_path / "link").is_symlink() and os.listdir(tmp_path / "link") == ["new"]
     assert os.listdir(tmp_path / "target") == ["x"] and sorted(os.listdir(tmp_path)) == ["link", "target"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_report_inspect_bench_read_folders_and_bare_state_dicts_with_model_flags(tmp_path):
+    """Folder checkpoints are accepted by every command; a bare torch.save state dict (no
+    metadata) needs --model/--model-kwargs, which inspect, report and bench now take too."""
+    from _ckpt import loss64
+
+    folder = _sharded_input(tmp_path)
+    r = _invoke("inspect", folder, "--data", CAL, "--json", "-q")
+    assert r.exit_code == 0 and json.loads(r.stdout)["weights"] == "state_dict", r.output
+    r = _invoke("report", MID, folder, "--data", CAL, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["datasets"]["calibration"]["loss_diff"] == 0.0
+    bare = tmp_path / "bare.pt"
+    torch.save(mid_state(), bare)
+    one_line_error(_invoke("report", bare, "--data", CAL), 3, "--model")
+    kw = json.dumps({"in_features": 64, "hidden": [128, 64], "num_classes": 10})
+    r = _invoke("report", bare, "--data", CAL, "--holdout", HOLD, "--model", "mlp", "--model-kwargs", kw, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    r = _invoke("report", bare, bare, "--data", CAL, "--model", "mlp", "--model-kwargs", kw, "--json", "-q")
+    assert json.loads(r.stdout)["datasets"]["calibration"]["loss_a"] == pytest.approx(loss64(mid_state()), rel=1e-5)
+    r = _invoke("inspect", bare, "--data", CAL, "--model", "mlp", "--model-kwargs", kw, "-q")
+    assert r.exit_code == 0 and r.stdout.strip() == "3/3", r.output
+
+
+def test_bad_training_metadata_and_model_kwargs_are_one_line_errors(tmp_path):
+    import argparse
+
+    state = mid_state()
+    for kwargs, needle in (("notadict", "not a dict"), (["hidden=1"], "not a dict")):
+        path = tmp_path / "a.pth.tar"
+        torch.save({"arch": "mlp", "state_dict": state, "args": argparse.Namespace(model_kwargs=kwargs)}, path)
+        one_line_error(apply_cli(path, tmp_path / "o.pth.tar"), 3, needle)
+    path = tmp_path / "t.pth.tar"
+    torch.save({"arch": "mlp", "state_dict": state, "args": argparse.Namespace(num_classes=torch.tensor(10))}, path)
+    one_line_error(apply_cli(path, tmp_path / "o.pth.tar"), 3, "not plain values")
+    bad = json.dumps({"in_features": 64, "hidden": [128, 64], "num_classes": -1})
+    one_line_error(apply_cli(MID, tmp_path / "o.safetensors", "--model-kwargs", bad), 3, "cannot be built")
+
+
+def test_ema_that_does_not_fit_is_refused_before_any_work_unless_kept(tmp_path):
+    state = mid_state()
+    ema = {k: v.clone() for k, v in state.items()}
+    ema["head.weight"] = torch.zeros(10, 32)
+    path = tmp_path / "e.pth.tar"
+    torch.save({"arch": "mlp", "model_kwargs": None, "state_dict": state, "state_dict_ema": ema,
+                "args": argparse_namespace()}, path)
+    one_line_error(apply_cli(path, tmp_path / "o.pth.tar"), 3, "head.weight (10, 32) vs (10, 64)")
+    assert not (tmp_path / "o.pth.tar").exists()
+    r = apply_cli(path, tmp_path / "o.pth.tar", "--keep-ema")
+    assert r.exit_code == 0, r.output
+    r = _invoke("report", path, "--data", CAL, "-q")  # reads state_dict only: the EMA does not matter
+    assert r.exit_code == 0, r.output
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(model="mlp", model_kwargs={"in_features": 64, "hidden": [128, 64]}, num_classes=10)
+
+
+def test_link_loops_and_bad_bench_values_fail_early_in_one_line(tmp_path):
+    loop_a, loop_b = tmp_path / "la.safetensors", tmp_path / "lb.safetensors"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    one_line_error(apply_cli(MID, loop_a, "--force"), 6, "symbolic link loop")
+    page_a, page_b = tmp_path / "pa.html", tmp_path / "pb.html"
+    page_a.symlink_to(page_b)
+    page_b.symlink_to(page_a)
+    one_line_error(_invoke("report", MID, "--data", CAL, "--html", page_a), 6, "symbolic link loop")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["bench", MID, "--data", CAL, "--holdout", HOLD, "--steps", "10", "--seeds", "1", "--variants", "original"]
+    one_line_error(_invoke(*base, "--out", afile / "sub"), 6, "cannot be created")
+    one_line_error(_invoke(*base, "--calibration-samples", "0"), 2, "--calibration-samples")
+    one_line_error(_invoke(*base, "--lr", "inf"), 2, "--lr")
+    one_line_error(_invoke(*base, "--teleport-steps", "0"), 2, "--teleport-steps")
+    one_line_error(apply_cli(MID, tmp_path / "o.safetensors", "--lr", "inf"), 2, "--lr must be a finite number")

@@ -18,7 +18,31 @@ from ..errors import EXIT_INTERNAL
 from .common import EXIT_CODES_HELP, stderr_console
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EXIT_CODES_HELP)
+class OneLineErrors(click.Group):
+    """A click group whose usage errors end in one stderr line, ``error: <what> (see 'teleport
+    CMD --help')``, exit 2, as the project's own errors do (click prints four lines)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            stderr_console().print("aborted")
+            sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `teleport`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            stderr_console().print(Text.assemble(("error: ", "bold red"), message + where), soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="teleport")
 def cli() -> None:
     """Null-space teleportation of PyTorch checkpoints (arXiv:2502.11362).
@@ -40,24 +64,11 @@ cli.add_command(bench)
 
 
 def main() -> None:
-    """Console-script entry point.
-
-    Usage errors (click's) print one line, ``error: <what> (see 'teleport CMD --help')``, and exit
-    2; unexpected exceptions (bugs) exit 1 with their traceback.
-    """
+    """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""
     try:
-        code = cli(standalone_mode=False)
+        cli()
     except SystemExit:
         raise
-    except click.exceptions.Abort:
-        stderr_console().print("aborted")
-        sys.exit(1)
-    except click.ClickException as e:
-        ctx = getattr(e, "ctx", None)
-        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = " ".join(e.format_message().split())
-        stderr_console().print(Text.assemble(("error: ", "bold red"), message + where), soft_wrap=True)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         stderr_console().print("interrupted")
         sys.exit(130)
@@ -66,4 +77,3 @@ def main() -> None:
 
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from ..training_state import FileOptions
-from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console, weight_options
+from .common import EXIT_CODES_HELP, fail, model_options, progress_events, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -76,8 +76,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")
-@click.option("--model", "model_spec", default=None, help="Architecture: a timm or built-in name, or package.module:factory (imports it); default: the checkpoint's metadata.")
-@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the architecture; replaces the metadata's.")
+@model_options
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded (--seed) random choice of this many calibration samples.")
 @click.option("--force", is_flag=True, help="Replace an existing output file or folder (atomically).")
 @weight_options("teleport")

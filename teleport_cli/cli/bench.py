@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import click
@@ -11,7 +13,8 @@ from rich.table import Table
 from ..bench import OPTIMIZERS, VARIANTS, BenchSettings
 from ..config import DEVICES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
-from .common import EXIT_CODES_HELP, fail, progress_events, stderr_console, weight_options
+from ..formats.atomic import resolve_output
+from .common import EXIT_CODES_HELP, fail, model_options, progress_events, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -39,8 +42,31 @@ def _table(doc: dict) -> Table:
     return t
 
 
+def _out_folder(out_dir, inputs) -> Path | None:
+    """Create ``--out`` before any training (a bad folder fails in one line, not after the runs).
+
+    Raises:
+        OutputError: it is a file, a link loop, an input, or cannot be created or written.
+    """
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    resolved = resolve_output(out, "--out")
+    if any(i is not None and resolved == Path(i).resolve() for i in inputs):
+        raise OutputError(f"--out {out_dir} is an input", hint="choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out_dir} is a file", hint="pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out_dir} cannot be created ({e.strerror or e})", hint="choose a writable folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out_dir} is not writable", hint="choose a writable folder")
+    return out
+
+
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--data", "train_path", required=True, type=click.Path(dir_okay=False), help="Training set (.safetensors); the calibration subset is drawn from it.")
 @click.option("--holdout", required=True, type=click.Path(dir_okay=False), help="Held-out set (.safetensors).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True, help="sgd, momentum (SGD with 0.9) or adam.")
@@ -59,8 +85,9 @@ def _table(doc: dict) -> Table:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @weight_options("resume training from")
+@model_options
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
-          objective, tau, teleport_steps, step_size, device, out_dir, as_json, weights, trust_pickle) -> None:
+          objective, tau, teleport_steps, step_size, device, out_dir, as_json, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench import run_bench
     from ..data import load_tensor_data
@@ -71,27 +98,30 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         unknown = [v for v in chosen if v not in VARIANTS]
         if unknown or "original" not in chosen:
             raise click.BadParameter(f"unknown {unknown}" if unknown else "must include 'original'", param_hint="--variants")
-        if k < 10 or seeds < 1 or batch_size < 1 or period < 1:
-            raise click.BadParameter("--steps >= 10, --seeds >= 1, --batch-size >= 1, --period >= 1")
+        for ok, flag, need in ((k >= 10, "--steps", "at least 10"), (seeds >= 1, "--seeds", "at least 1"),
+                               (batch_size >= 1, "--batch-size", "at least 1"), (period >= 1, "--period", "at least 1"),
+                               (calibration_samples >= 2, "--calibration-samples", "at least 2"),
+                               (teleport_steps >= 1, "--teleport-steps", "at least 1"),
+                               (lr is None or (math.isfinite(lr) and lr > 0), "--lr", "a finite number > 0")):
+            if not ok:
+                raise click.BadParameter(f"must be {need}", param_hint=flag)
+        out = _out_folder(out_dir, [checkpoint, train_path, holdout])
         config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, objective=objective,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
-        model = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle)[0]
+        model = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)[0]
         model.to(resolve_device(device))
         train = load_tensor_data(train_path, what="training")
         hold = load_tensor_data(holdout, what="held-out")
-        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-            raise OutputError(f"--out {out_dir} is a file", hint="pass a folder")
         with progress_events(True) as on_event:
             doc = run_bench(model, train, hold, config, settings, on_event)
     except TeleportError as e:
         fail(e)
     doc["checkpoint"] = str(checkpoint)
-    if out_dir is not None:
+    doc["weights"] = weights
+    if out is not None:
         from ..bench_plots import plot_curves
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name)]
         (out / "bench.json").write_text(json.dumps(doc, indent=1))
     stderr_console().print(_table(doc))

@@ -61,6 +61,13 @@ def fail(err: TeleportError) -> None:
     sys.exit(err.exit_code)
 
 
+def model_options(f):
+    """``--model`` and ``--model-kwargs``: the architecture when the checkpoint does not name it."""
+    f = click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for the architecture; replaces the metadata's.")(f)
+    return click.option("--model", "model_spec", default=None,
+                        help="Architecture: a timm or built-in name, or package.module:factory (imports it); default: the checkpoint's metadata.")(f)
+
+
 def weight_options(verb: str):
     """``--weights`` and ``--trust-pickle``: which weight set of a checkpoint a command reads."""
     from ..training_state import WEIGHT_CHOICES

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..config import DEVICES, TeleportConfig
 from ..errors import TeleportError
-from .common import EXIT_CODES_HELP, fail, stderr_console, weight_options
+from .common import EXIT_CODES_HELP, fail, model_options, stderr_console, weight_options
 
 D = TeleportConfig()
 
@@ -27,7 +27,7 @@ def _table(doc: dict) -> Table:
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--data", "data", required=True, type=click.Path(), help="Calibration set: tensor file, token file, text file or image folder (see README).")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
@@ -35,13 +35,16 @@ def _table(doc: dict) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stderr.")
 @weight_options("inspect")
-def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet, weights, trust_pickle) -> None:
+@model_options
+def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """One row per layer of CHECKPOINT on the calibration set: kind, d_in, rank of its Gram,
     null-space dimension at --tau, and whether it will be teleported (or why not)."""
     from ..survey import inspect_checkpoint
 
     try:
-        doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device, weights=weights, trust_pickle=trust_pickle).to_dict()
+        doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device, weights=weights, trust_pickle=trust_pickle,
+                                 model_spec=model_spec, model_kwargs=model_kwargs).to_dict()
+        doc["weights"] = weights
     except TeleportError as e:
         fail(e)
     if not quiet:

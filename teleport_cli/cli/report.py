@@ -12,7 +12,7 @@ from rich.text import Text
 from ..audit import AuditSettings
 from ..config import DEVICES
 from ..errors import EXIT_VERIFICATION_FAILED, TeleportError
-from .common import EXIT_CODES_HELP, fail, stderr_console, weight_options
+from .common import EXIT_CODES_HELP, fail, model_options, stderr_console, weight_options
 
 D = AuditSettings()
 
@@ -88,8 +88,8 @@ def render(doc: dict) -> None:
 
 
 @click.command(epilog=EXIT_CODES_HELP.replace("(loss changed beyond tolerance; nothing written)", "(loss changed beyond tolerance)"))
-@click.argument("a", type=click.Path(dir_okay=False))
-@click.argument("b", type=click.Path(dir_okay=False), required=False)
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path(), required=False)
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration set (.safetensors with 'inputs' and 'targets').")
 @click.option("--holdout", type=click.Path(dir_okay=False), default=None, help="Held-out set, compared and gated too.")
 @click.option("--lr", type=float, default=None, help="SGD learning rate: flag a top eigenvalue above 2(1+momentum)/lr.")
@@ -108,8 +108,9 @@ def render(doc: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No tables on stderr.")
 @weight_options("audit (the same set of A and B)")
+@model_options
 def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau, radius, iterations, probes, spectrum_layers,
-           seed, batch_size, device, html_out, as_json, quiet, weights, trust_pickle) -> None:
+           seed, batch_size, device, html_out, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Audit checkpoint A, or checkpoint B against A: losses, logits, layer drift, curvature.
 
     With B, exits 4 when B's loss drifts from A's beyond --tolerance (calibration) or
@@ -126,7 +127,8 @@ def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau,
         inputs = [a, b, data, holdout]
         if html_out is not None:
             check_html_path(html_out, inputs)
-        audit = run_report(a, b, data, holdout, settings, device=device, weights=weights, trust_pickle=trust_pickle)
+        audit = run_report(a, b, data, holdout, settings, device=device, weights=weights, trust_pickle=trust_pickle,
+                           model_spec=model_spec, model_kwargs=model_kwargs)
         if html_out is not None:
             audit.doc["html"] = str(write_html(html_out, render_html(audit), inputs))
     except TeleportError as e:

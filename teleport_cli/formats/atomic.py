@@ -60,8 +60,9 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
             wrong kind (file vs folder) or ending, or its folder is missing or not writable.
     """
     out = Path(output)
+    resolved = resolve_output(out, "output")
     for i in (Path(p) for p in inputs if p is not None):
-        if _same(out, i) or out.resolve() == i.resolve():
+        if _same(out, i) or resolved == i.resolve():
             raise OutputError(f"output {output} is the input {i}", hint="teleport-cli never writes over an input; choose another -o")
         if is_dir and _inside(i, out):
             raise OutputError(f"output folder {output} holds the input {i}", hint="replacing it would delete an input; choose another -o")
@@ -86,6 +87,18 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
     if not _writable(parent):
         raise OutputError(f"output folder {parent} is not writable", hint="choose another -o or fix the permissions")
     return out
+
+
+def resolve_output(path: Path, what: str) -> Path:
+    """``path.resolve()``, with a link loop as an output error instead of a RuntimeError.
+
+    Raises:
+        OutputError: the path is (or passes through) a symbolic link loop.
+    """
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        raise OutputError(f"{what} {path} is a symbolic link loop", hint="remove the link or choose another path") from None
 
 
 def _writable(folder: Path) -> bool:

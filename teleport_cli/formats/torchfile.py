@@ -123,9 +123,13 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _metadata_from(obj: dict) -> dict[str, str]:
+def _metadata_from(obj: dict, path: str = "checkpoint") -> dict[str, str]:
     """``arch``/``model_kwargs`` from a training checkpoint (timm's ``arch`` and ``args``),
-    or the provenance a previous teleport stored."""
+    or the provenance a previous teleport stored.
+
+    Raises:
+        InputError: ``args.model_kwargs`` is not a dict, or holds values JSON cannot store.
+    """
     meta: dict[str, str] = {}
     stored = obj.get(METADATA_ENTRY)
     if isinstance(stored, dict):
@@ -134,11 +138,19 @@ def _metadata_from(obj: dict) -> dict[str, str]:
     if isinstance(obj.get("arch"), str) and "arch" not in meta:
         meta["arch"] = obj["arch"]
     if isinstance(args, argparse.Namespace) and "model_kwargs" not in meta:
-        kwargs = dict(getattr(args, "model_kwargs", None) or {})
+        raw = getattr(args, "model_kwargs", None) or {}
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: args.model_kwargs is a {type(raw).__name__}, not a dict of keyword arguments",
+                             hint="pass the model's keyword arguments as --model-kwargs JSON (apply)")
+        kwargs = dict(raw)
         for name in ("num_classes", "in_chans"):
             if getattr(args, name, None) is not None:
                 kwargs.setdefault(name, getattr(args, name))
-        meta["model_kwargs"] = json.dumps(kwargs)
+        try:
+            meta["model_kwargs"] = json.dumps(kwargs)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: the model arguments in args are not plain values ({e})",
+                             hint="pass the model's keyword arguments as --model-kwargs JSON (apply)") from None
         if "arch" not in meta and isinstance(getattr(args, "model", None), str):
             meta["arch"] = args.model
     return meta
@@ -175,7 +187,7 @@ def read(path: str | Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
     ordered = {primary: weights[primary], **{n: w for n, w in weights.items() if n != primary}}
     entries = {k: v for k, v in obj.items() if k not in weights}
     layout = {"bare": False, "type": type(obj), "order": list(obj), "sets": layout_sets}
-    meta = _metadata_from(obj)
+    meta = _metadata_from(obj, str(path))
     return LoadedCheckpoint(source, Container(KIND, False, layout), meta, sha256_file(path), ordered, entries)
 
 
