@@ -84,10 +84,11 @@ def _out_folder(out_dir, inputs) -> Path | None:
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @weight_options("resume training from")
 @model_options
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
-          objective, tau, teleport_steps, step_size, device, out_dir, as_json, weights, trust_pickle, model_spec, model_kwargs) -> None:
+          objective, tau, teleport_steps, step_size, device, out_dir, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench import run_bench
     from ..data import load_tensor_data
@@ -113,7 +114,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         model.to(resolve_device(device))
         train = load_tensor_data(train_path, what="training")
         hold = load_tensor_data(holdout, what="held-out")
-        with progress_events(True) as on_event:
+        with progress_events(not quiet) as on_event:
             doc = run_bench(model, train, hold, config, settings, on_event)
     except TeleportError as e:
         fail(e)
@@ -124,7 +125,8 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
 
         doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name)]
         (out / "bench.json").write_text(json.dumps(doc, indent=1))
-    stderr_console().print(_table(doc))
+    if not quiet:
+        stderr_console().print(_table(doc))
     if as_json:
         click.echo(json.dumps(doc))
     elif out_dir is not None:
