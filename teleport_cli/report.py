@@ -16,7 +16,7 @@ from .config import TeleportConfig
 from .data import load_tensor_data, split_holdout
 from .errors import InputError
 from .formats import read_checkpoint
-from .models import load_model, resolve_device
+from .models import load_model, model_from_metadata, resolve_device
 
 
 def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
@@ -31,7 +31,8 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
     """Rebuild checkpoint A from its metadata and load B into the same architecture.
 
     B may lack the ``arch`` metadata (a file this tool did not write): its tensors must then fit
-    A's model strictly. When both name an architecture, they must name the same one, unless
+    A's model strictly. When both name an architecture, they must name the same one (the same
+    name and kwargs, or kwargs that build the same modules, e.g. defaults written out), unless
     ``model_spec``/``model_kwargs`` (``--model``, ``--model-kwargs``) choose it for both.
 
     Returns:
@@ -46,7 +47,8 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
         return a.eval(), None, arch
     cb = read_checkpoint(b_path, trust_pickle=trust_pickle)
     arch_b, kwargs_b = _spec(cb.metadata)
-    if model_spec is None and model_kwargs is None and arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs):
+    if (model_spec is None and model_kwargs is None and arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs)
+            and repr(model_from_metadata(cb.metadata, str(b_path))[0]) != repr(a)):  # same modules: same architecture
         raise InputError(
             f"{a_path} and {b_path} are different architectures ({arch} {json.dumps(kwargs)} vs {arch_b} {json.dumps(kwargs_b)})",
             hint="teleport report compares two checkpoints of the same architecture; --model and --model-kwargs choose one for both",

@@ -185,6 +185,26 @@ def test_different_architectures_and_bad_paths_are_one_line_errors(tiny, samples
     assert r.exit_code == 2 and "--lr" in r.stderr
 
 
+def test_same_modules_under_different_kwargs_spellings_are_one_architecture(samples, tmp_path):
+    """B names `mlp` with no kwargs (the defaults, which are A's widths): the same modules, so it
+    is compared; B with other widths is refused before any loading."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    mid, cal = samples / "mlp_digits_mid.safetensors", samples / "digits_calibration.safetensors"
+    with safe_open(str(mid), "pt") as f:
+        meta = dict(f.metadata())
+    implicit = tmp_path / "implicit.safetensors"
+    save_file(load_file(str(mid)), str(implicit), metadata={k: v for k, v in meta.items() if k != "model_kwargs"})
+    r = run("report", mid, implicit, "--data", cal, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["datasets"]["calibration"]["loss_diff"] == 0.0
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(str(mid)), str(other), metadata={**meta, "model_kwargs": json.dumps({"hidden": [128, 32]})})
+    r = run("report", mid, other, "--data", cal)
+    assert r.exit_code == 3 and "different architectures" in r.stderr
+
+
 def _conv_pair():
     torch.manual_seed(2)
     a = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(48, 3)).double().eval()
