@@ -114,7 +114,8 @@ def test_no_accepted_step_exits_5(files):
     out = files / "out.safetensors"
     r = run(*_args(files, out, "--tau", "1"))  # 256 samples > every d_in: only dead directions
     assert r.exit_code == 5, r.output
-    assert "no teleport step was accepted" in r.stderr
+    assert "no teleport step was accepted (no_freedom)" in r.stderr
+    assert "lower --tau" in r.stderr and "--step-size" not in r.stderr  # only a lower tau gives freedom
     assert not out.exists()
 
 

@@ -143,7 +143,8 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
         err.print(_summary_table(doc))
         err.print(
             f"gradient norm {doc['grad_norm_before']:.4g} → {doc['grad_norm_after']:.4g} "
-            f"(×{doc['grad_norm_ratio']:.3g}) in {doc['steps_accepted']} steps ({doc['stop_reason']}), {doc['seconds']:.1f} s"
+            f"(×{doc['grad_norm_ratio']:.3g}) in {doc['steps_accepted']} steps ({doc['stop_reason']}); "
+            f"{doc['seconds']:.1f} s in all, ascent {doc['ascent_seconds']:.2f} s"
             + (f"; {doc['guard_samples']} calibration samples guarded" if doc.get("guard_samples") else ""),
             highlight=False,
         )
