@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import timm
-import torch
 
 spec = importlib.util.spec_from_file_location("bench_architectures", Path(__file__).parents[1] / "bench" / "architectures.py")
 bench = importlib.util.module_from_spec(spec)
@@ -23,13 +22,6 @@ spec.loader.exec_module(bench)
 MODELS = timm.list_models("test_*")
 RESULTS: dict[str, object] = {}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _row(arch):

@@ -10,14 +10,6 @@ from torch import nn
 from teleport_cli.objectives import cross_entropy_sum, full_gradient, hessian_vector_product
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class AttentionClassifier(nn.Module):
     """Tokens -> nn.MultiheadAttention (fused SDPA path: need_weights=False) -> mean -> head."""

@@ -1,7 +1,6 @@
 """The benchmark's figures against brute force, and its determinism."""
 
 import json
-import shutil
 import statistics
 
 import pytest

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _explicit import explicit_hessian
 from teleport_cli import geometry
 from teleport_cli.data import TensorData
 from teleport_cli.geometry import lanczos_top, measure
@@ -33,31 +32,6 @@ class TinyAttention(nn.Module):
         return self.head(F.scaled_dot_product_attention(q, k, v).mean(1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: extra threads only contend (tens of seconds on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _explicit(model, x, y):
-    """Loss, gradient and Hessian of the mean loss over all samples, by torch.autograd.functional."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-
-    def loss(theta):
-        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    with sdpa_kernel([SDPBackend.MATH]):
-        g = torch.autograd.functional.jacobian(loss, theta)
-        h = torch.autograd.functional.hessian(loss, theta)
-    return loss, theta, g, h
-
 
 def _setup(model_cls=MLP, n=40, d_in=5, **kw):
     torch.manual_seed(1)
@@ -72,7 +46,7 @@ def _setup(model_cls=MLP, n=40, d_in=5, **kw):
 def test_measure_matches_explicit_hessian(model_cls, kw):
     d_in = 5 if model_cls is MLP else 12
     model, x, y, batches = _setup(model_cls, d_in=d_in, **kw)
-    loss, theta, g, h = _explicit(model, x, y)
+    loss, theta, g, h = explicit_hessian(model, x, y)
     evals = torch.linalg.eigvalsh(h)
     p = theta.numel()
     geo = measure(model, batches, cross_entropy_sum, iterations=p, probes=400, radius=0.3, seed=0, rtol=1e-12)
@@ -98,7 +72,7 @@ def test_measure_matches_explicit_hessian(model_cls, kw):
 
 def test_few_lanczos_steps_stay_within_their_residual_bound():
     model, x, y, batches = _setup(in_features=5, hidden=[6], num_classes=3)
-    _, _, _, h = _explicit(model, x, y)
+    _, _, _, h = explicit_hessian(model, x, y)
     evals = torch.linalg.eigvalsh(h)
     geo = measure(model, batches, cross_entropy_sum, iterations=6, probes=2, seed=3, rtol=0.0)
     assert geo.lanczos_iterations == 6

@@ -15,13 +15,6 @@ from teleport_cli.cli import cli
 from teleport_cli.models import MLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def inspect_json(*args):
     r = CliRunner().invoke(cli, ["inspect", *[str(a) for a in args], "--json", "-q"])

@@ -25,14 +25,6 @@ CONV_ND = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def brute_force_patch_gram(conv, x):
     """One row per output position and group, by explicit loops over every position."""

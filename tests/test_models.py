@@ -3,7 +3,6 @@ only, refusal of code named in a checkpoint's metadata, strict loading."""
 
 import json
 import sys
-import textwrap
 
 import pytest
 import timm

@@ -1,10 +1,13 @@
 """Look-ahead and trace objectives against explicit float64 computations with torch.func."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, hessian
+from torch.func import grad, hessian
 
+from _explicit import flat_loss
 from teleport_cli.models import MLP, load_model
 from teleport_cli.objective_lookahead import LookaheadObjective
 from teleport_cli.objective_trace import TraceObjective
@@ -17,15 +20,7 @@ def tiny():
     model = MLP(5, [4], 3).double()
     x = torch.randn(11, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (11,))
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss(theta):
-        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    loss, theta, names, sizes = flat_loss(model, x, y)
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
     return model, batches, loss, theta, names, sizes
 
@@ -97,16 +92,7 @@ def test_stability_guard_compares_explicit_top_eigenvalues_with_the_sgd_edge():
     st = out.stability
 
     def top(m):
-        names = [n for n, _ in m.named_parameters()]
-        shapes = [p.shape for p in m.parameters()]
-        sizes = [p.numel() for p in m.parameters()]
-        m64 = MLP(6, [5], 3).double()
-
-        def loss(theta):
-            params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-            return F.cross_entropy(functional_call(m64, params, (x.double(),)), y)
-
-        theta = torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+        loss, theta, _, _ = flat_loss(copy.deepcopy(m).double(), x.double(), y)
         return torch.linalg.eigvalsh(hessian(loss)(theta))[-1].item()
 
     assert st["edge"] == pytest.approx(2 * 1.5 / 0.7)

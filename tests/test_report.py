@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call
 
+from _explicit import explicit_hessian
 from teleport_cli import audit as audit_mod
 from teleport_cli.audit import ADAPTIVE_NOTE, AuditSettings, audit_models, stability
 from teleport_cli.data import TensorData
@@ -19,13 +19,6 @@ from teleport_cli.models import MLP
 
 TINY = {"in_features": 64, "hidden": [4], "num_classes": 10}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(*args):
@@ -50,19 +43,6 @@ def _model64(path):
     m = MLP(**TINY).double()
     m.load_state_dict({k: v.double() for k, v in load_file(path).items()})
     return m
-
-
-def _hessian(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-
-    def loss(theta):
-        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return loss, theta, torch.autograd.functional.jacobian(loss, theta), torch.autograd.functional.hessian(loss, theta)
 
 
 def _null_dim(inputs: np.ndarray, tau: float) -> int:
@@ -120,7 +100,7 @@ def test_two_checkpoints_every_figure_against_float64_brute_force(tiny, samples)
     y = d["targets"]
     for tag, model in (("a", ma), ("b", mb)):
         g = doc["geometry"][tag]
-        loss, theta, grad, h = _hessian(model, x, y)
+        loss, theta, grad, h = explicit_hessian(model, x, y)
         evals = torch.linalg.eigvalsh(h)
         assert g["parameters"] == 310
         assert g["grad_norm"] == pytest.approx(grad.norm().item(), rel=1e-4)

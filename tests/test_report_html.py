@@ -11,7 +11,6 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import torch
 from click.testing import CliRunner
 
 from teleport_cli.cli import cli
@@ -22,13 +21,6 @@ from teleport_cli.report import report_for_apply
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(*args):

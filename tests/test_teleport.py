@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
 
+from _explicit import flat_loss
 from teleport_cli import TeleportConfig, teleport
 from teleport_cli.data import load_tensor_data
 from teleport_cli.models import MLP, load_model
@@ -43,19 +42,6 @@ def test_tau1_few_samples_keeps_calibration_logits_after_multi_step_teleport(mid
     assert out.stats.grad_norm_after > out.stats.grad_norm_before
 
 
-def _flat_loss(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-
-    def loss(theta):
-        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return F.cross_entropy(functional_call(model, params, (x,)), y, reduction="mean")
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return loss, theta, names, sizes
-
-
 def test_objective_gradient_is_explicit_hessian_times_full_gradient_for_any_batching():
     torch.manual_seed(1)
     model = MLP(6, [5], 3).double()
@@ -64,7 +50,7 @@ def test_objective_gradient_is_explicit_hessian_times_full_gradient_for_any_batc
     params = list(model.parameters())
     wrt = [model.hidden[0].weight, model.head.weight]
 
-    loss, theta, names, sizes = _flat_loss(model, x, y)
+    loss, theta, names, sizes = flat_loss(model, x, y)
     h = torch.autograd.functional.hessian(loss, theta)
     g = torch.autograd.functional.jacobian(loss, theta)
     hg = (h @ g).split(sizes)

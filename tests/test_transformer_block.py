@@ -12,13 +12,6 @@ from teleport_cli import TeleportConfig, teleport
 from teleport_cli.layers import find_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class PreNormClassifier(nn.Module):
     def __init__(self, d_in=4, d=16, classes=3):
