@@ -124,16 +124,22 @@ def fmt(mean, std=None, digits=3):
 NAMES = {"mlp": "MLP", "resnet": "test_resnet", "vit": "test_vit", "convnext": "test_convnext", "char_lm": "char_lm"}
 
 
+def own_ratio(doc: dict) -> float | None:
+    """Where the original run's mean curve first touches its own final loss, as a share of K (None: never)."""
+    w, k = doc["settings"]["window"], doc["settings"]["steps"]
+    ref = doc["variants"]["original"]["train_curve_mean"]
+    own = steps_to_target(ref, statistics.fmean(ref[-w:]), w)
+    return None if own is None else own / k
+
+
 def summary_table(cells: dict[tuple[str, str], dict]) -> str:
     """The findings' overview: steps_to_target_ratio of the main variants per cell (mean over seeds)."""
     rows = ["| checkpoint, optimizer | null-space teleport | random null-space move | level-set | original touches its own final loss at | final loss: original → teleported |",
             "| --- | --- | --- | --- | --- | --- |"]
     for (name, opt), doc in cells.items():
-        v, w, k = doc["variants"], doc["settings"]["window"], doc["settings"]["steps"]
-        ref = v["original"]["train_curve_mean"]
-        own = steps_to_target(ref, statistics.fmean(ref[-w:]), w)
+        v = doc["variants"]
         r = [fmt(v[x].get("steps_to_target_ratio"), digits=2) if x in v else "-" for x in ("nullspace", "random", "levelset")]
-        rows.append(f"| {NAMES.get(name, name)}, {opt} | {' | '.join(r)} | {fmt(None if own is None else own / k, digits=2)} | "
+        rows.append(f"| {NAMES.get(name, name)}, {opt} | {' | '.join(r)} | {fmt(own_ratio(doc), digits=2)} | "
                     f"{v['original']['final_loss_mean']:.3f} → {v['nullspace']['final_loss_mean']:.3f} |")
     return "\n".join(rows)
 
@@ -157,9 +163,7 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
         lines += [findings.read_text().strip().replace("{summary_table}", summary_table(cells)), ""]
     for (name, opt), doc in cells.items():
         s = doc["settings"]
-        w, k = s["window"], s["steps"]
-        ref = doc["variants"]["original"]["train_curve_mean"]
-        own = steps_to_target(ref, statistics.fmean(ref[-w:]), w)
+        own = own_ratio(doc)
         lines += [f"## {name}, {opt} (lr {s['lr']:g}, K = {s['steps']}, batch {s['batch_size']})", ""]
         lines += ["| variant | final training loss | held-out loss | steps→target | per seed | teleport s | ≈ steps | net | grad-norm × |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -168,7 +172,7 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
             gn = v.get("grad_norm_ratio")
             lines.append(
                 f"| {variant} | {fmt(v['final_loss_mean'], v['final_loss_std'], 4)} | {fmt(v['holdout_final_mean'], v['holdout_final_std'], 4)} | "
-                f"{fmt(None if own is None else own / k) + ' (itself)' if variant == 'original' else fmt(v.get('steps_to_target_ratio'))} | "
+                f"{fmt(own) + ' (itself)' if variant == 'original' else fmt(v.get('steps_to_target_ratio'))} | "
                 f"{'' if per is None else ', '.join('never' if p is None else f'{p:.2f}' for p in per)} | "
                 f"{v['teleport_seconds']:.2f} | {v['teleport_equivalent_steps']:.0f} | "
                 f"{'1' if variant == 'original' else fmt(v.get('net_ratio'))} | "

@@ -18,7 +18,6 @@ training loss at every step and the held-out loss at a few steps. Figures (issue
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from dataclasses import dataclass, field

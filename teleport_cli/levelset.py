@@ -91,7 +91,4 @@ def levelset_teleport(
         if ended:
             stop = ended
             break
-    return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
-        tuple(log.history), "levelset", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2,
-    )
+    return log.stats(loss0, state, stop, start, "levelset", 0.5 * gnorm0**2, 0.5 * state.grad_norm**2)

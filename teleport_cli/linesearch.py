@@ -7,12 +7,13 @@ rule accepts or rejects it; a rejected candidate is undone and ``eta`` halves, a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .records import StepRecord
+from .records import StepRecord, TeleportStats
 
 C = TypeVar("C")
 
@@ -101,3 +102,10 @@ class StepLog:
         if self.on_step is not None:
             self.on_step(self.accepted, self.history[-1])
         return self.target_ratio is not None and self.grad_norm0 > 0 and grad_norm / self.grad_norm0 >= self.target_ratio
+
+    def stats(self, loss0: float, state, stop: str, start: float, objective: str, score0: float, score: float) -> TeleportStats:
+        """What the loop did: losses and gradient norms before and after (``state`` is the last
+        accepted gradient state), the step counts and history, and the seconds since ``start``
+        (a ``time.perf_counter()`` reading)."""
+        return TeleportStats(loss0, state.loss, self.grad_norm0, state.grad_norm, self.accepted, self.rejected, stop,
+                             time.perf_counter() - start, tuple(self.history), objective, score0, score)

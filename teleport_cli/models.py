@@ -132,8 +132,41 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(state_dict, strict=True)
 
 
+def load_weights(ckpt, files, *, like: dict | None = None, model_spec: str | None = None,
+                 model_kwargs: str | dict | None = None, module: nn.Module | None = None):
+    """Build the model of a checkpoint already read and load the chosen weight set strictly.
+
+    Args:
+        ckpt: a :class:`~teleport_cli.formats.base.LoadedCheckpoint`.
+        files: :class:`~teleport_cli.training_state.FileOptions` (which weights; EMA policy).
+        like: build from this metadata instead of the checkpoint's.
+        model_spec, model_kwargs: ``--model`` and ``--model-kwargs`` (they override the metadata).
+        module: an already built model (library use); its arch and kwargs are recorded only if
+            the checkpoint names them.
+
+    Returns:
+        (:class:`~teleport_cli.factories.ModelChoice` holding the loaded model,
+        :class:`~teleport_cli.training_state.Plan` with every weight set's key map).
+
+    Raises:
+        InputError: no or unknown architecture, tensors that do not fit, ``ema`` asked for on a
+            checkpoint without EMA weights, EMA weights to re-seed that do not fit.
+    """
+    from .factories import ModelChoice, choose_model
+    from .training_state import model_state, plan
+
+    chosen = plan(ckpt, files)
+    if module is None:
+        choice = choose_model(ckpt.metadata if like is None else like, ckpt.path, model_spec, model_kwargs)
+    else:
+        choice = ModelChoice(module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs"), "module")
+    load_strict(choice.model, model_state(chosen, choice.model), ckpt.path)
+    return choice, chosen
+
+
 def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False, like: dict | None = None,
-               model_spec: str | None = None, model_kwargs: str | dict | None = None) -> tuple[nn.Module, "LoadedCheckpoint", str, dict]:
+               model_spec: str | None = None, model_kwargs: str | dict | None = None,
+               read: "LoadedCheckpoint | None" = None) -> tuple[nn.Module, "LoadedCheckpoint", str, dict]:
     """Read a checkpoint, rebuild its model from the metadata and load one weight set strictly.
 
     The same reading as ``teleport apply``: any container of :mod:`teleport_cli.formats`,
@@ -147,6 +180,7 @@ def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False,
             of the same architecture that does not name one).
         model_spec, model_kwargs: ``--model`` and ``--model-kwargs``
             (:func:`teleport_cli.factories.choose_model`); they override the metadata.
+        read: ``path`` already read (not read again).
 
     Returns:
         (model in eval mode on the CPU, the checkpoint as read, arch, model_kwargs).
@@ -155,16 +189,13 @@ def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False,
         InputError: unreadable file, no or unknown architecture, tensors that do not fit,
             ``weights="ema"`` on a checkpoint without EMA weights.
     """
-    from .factories import choose_model
     from .formats import read_checkpoint
-    from .training_state import FileOptions, model_state, plan
+    from .training_state import FileOptions
 
-    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
-    chosen = plan(ckpt, FileOptions(weights=weights, trust_pickle=trust_pickle, keep_ema=weights != "ema"))  # read only: no EMA is re-seeded
-    built = choose_model(ckpt.metadata if like is None else like, str(path), model_spec, model_kwargs)
-    model, arch, kwargs = built.model, built.arch, built.kwargs
-    load_strict(model, model_state(chosen, model), str(path))
-    return model.eval(), ckpt, arch, kwargs
+    ckpt = read if read is not None else read_checkpoint(path, trust_pickle=trust_pickle)
+    files = FileOptions(weights=weights, trust_pickle=trust_pickle, keep_ema=weights != "ema")  # read only: no EMA is re-seeded
+    choice, _ = load_weights(ckpt, files, like=like, model_spec=model_spec, model_kwargs=model_kwargs)
+    return choice.model.eval(), ckpt, choice.arch, choice.kwargs
 
 
 def resolve_device(name: str) -> torch.device:

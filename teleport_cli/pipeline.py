@@ -25,15 +25,14 @@ from .config import TeleportConfig
 from .data import TensorData, as_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
 from .layers import find_layers
-from .factories import choose_model
 from .inputs import load_data_inputs
-from .models import load_strict, resolve_device
+from .models import load_weights, resolve_device
 from .objectives import LOSS_FUNCTIONS, full_gradient, make_objective
 from .precision import storage_failure, verify_storage
 from .records import LayerSummary, TeleportStats, Verification
 from .survey import summarise as _summaries
 from .teleport import ascend, relative_changes
-from .training_state import FileOptions, assemble, model_state, moved_keys, moved_stored, plan
+from .training_state import FileOptions, assemble, moved_keys, moved_stored
 from .verify import check_targets, compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
@@ -311,13 +310,8 @@ def apply(
     config = config or TeleportConfig()
     files = files or FileOptions()
     ckpt = read_checkpoint(checkpoint, trust_pickle=files.trust_pickle)
-    weights = plan(ckpt, files)
-    if module is None:
-        choice = choose_model(ckpt.metadata, str(checkpoint), model_spec, model_kwargs)
-        model, arch, kwargs, origin = choice.model, choice.arch, choice.kwargs, choice.origin
-    else:  # arch and kwargs are recorded only if the file named them
-        model, arch, kwargs, origin = module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs"), "module"
-    load_strict(model, model_state(weights, model), str(checkpoint))
+    choice, weights = load_weights(ckpt, files, model_spec=model_spec, model_kwargs=model_kwargs, module=module)
+    model, arch, kwargs, origin = choice.model, choice.arch, choice.kwargs, choice.origin
     inputs = load_data_inputs(ckpt.metadata, str(checkpoint), data, holdout, model, samples=samples, seed=config.seed)
     if loss_from_checkpoint and inputs.loss is not None:
         config = config.replace(loss=inputs.loss)

@@ -53,7 +53,7 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
             f"{a_path} and {b_path} are different architectures ({arch} {json.dumps(kwargs)} vs {arch_b} {json.dumps(kwargs_b)})",
             hint="teleport report compares two checkpoints of the same architecture; --model and --model-kwargs choose one for both",
         )
-    b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata, **given)[0]
+    b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata, read=cb, **given)[0]
     return a.eval(), b.eval(), arch
 
 

@@ -175,10 +175,7 @@ def ascend(
             break
         if backtracks == 0:
             eta = min(eta * config.step_growth, config.max_step)
-    return TeleportStats(
-        loss0, state.loss, gnorm0, state.grad_norm, log.accepted, log.rejected, stop, time.perf_counter() - start,
-        tuple(log.history), objective.name, score0, score,
-    )
+    return log.stats(loss0, state, stop, start, objective.name, score0, score)
 
 
 def relative_changes(model: nn.Module, original: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import click
@@ -13,7 +12,7 @@ from rich.table import Table
 from ..bench import OPTIMIZERS, VARIANTS, BenchSettings
 from ..config import DEVICES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
-from ..formats.atomic import resolve_output
+from ..formats.atomic import resolve_output, writable
 from .common import EXIT_CODES_HELP, fail, model_options, progress_events, stderr_console, weight_options
 
 D = TeleportConfig()
@@ -60,7 +59,7 @@ def _out_folder(out_dir, inputs) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"--out {out_dir} cannot be created ({e.strerror or e})", hint="choose a writable folder") from None
-    if not os.access(out, os.W_OK | os.X_OK):
+    if not writable(out):
         raise OutputError(f"--out {out_dir} is not writable", hint="choose a writable folder")
     return out
 

@@ -84,7 +84,7 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
-    if not _writable(parent):
+    if not writable(parent):
         raise OutputError(f"output folder {parent} is not writable", hint="choose another -o or fix the permissions")
     return out
 
@@ -101,7 +101,7 @@ def resolve_output(path: Path, what: str) -> Path:
         raise OutputError(f"{what} {path} is a symbolic link loop", hint="remove the link or choose another path") from None
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """Whether a file can be created in ``folder`` (tried, not guessed: os.access says yes to
     root also on read-only file systems)."""
     if not os.access(folder, os.W_OK | os.X_OK):
