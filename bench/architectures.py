@@ -25,7 +25,7 @@ import timm
 import torch
 
 from teleport_cli import TeleportConfig, teleport
-from teleport_cli.layers import find_layers
+from teleport_cli.nullspace.selection import find_layers
 
 SIZE = 32
 CLASSES = 3
@@ -191,7 +191,7 @@ def main() -> None:
 DOC = """# Architectures
 
 `teleport` finds the layers to move from module types, with no per-architecture code
-(`teleport_cli/layers.py`, `teleport_cli/attention.py`):
+(`teleport_cli/nullspace/layers.py`, `teleport_cli/nullspace/attention.py`):
 
 | module | rows of X (one Gram per block) | moved weight |
 | --- | --- | --- |

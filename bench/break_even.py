@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from teleport_cli import TeleportConfig
-from teleport_cli.bench import BenchSettings, run_bench
-from teleport_cli.data_sources import load_data
-from teleport_cli.models import load_model
+from teleport_cli.bench.resume import run_bench
+from teleport_cli.bench.settings import BenchSettings
+from teleport_cli.data.sources import load_data
+from teleport_cli.models.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_all import DATA, fmnist_tensors  # noqa: E402  (the timm training split, built from the Debian package)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from teleport_cli import TeleportConfig, teleport
-from teleport_cli.data import load_tensor_data
-from teleport_cli.models import load_model
+from teleport_cli.data.tensors import load_tensor_data
+from teleport_cli.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 S = ROOT / "sample_checkpoints"

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from teleport_cli import TeleportConfig
-from teleport_cli.bench import BenchSettings, run_bench, steps_to_target
-from teleport_cli.bench_plots import plot_curves
-from teleport_cli.checkpoint import load_checkpoint
-from teleport_cli.data_sources import load_data
-from teleport_cli.models import load_model
+from teleport_cli.bench.plots import plot_curves
+from teleport_cli.bench.resume import run_bench, steps_to_target
+from teleport_cli.bench.settings import BenchSettings
+from teleport_cli.checkpoints.tensor_files import load_checkpoint
+from teleport_cli.data.sources import load_data
+from teleport_cli.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 S = ROOT / "sample_checkpoints"

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from teleport_cli import TeleportConfig, teleport
-from teleport_cli.data import load_tensor_data
-from teleport_cli.models import load_model
+from teleport_cli.data.tensors import load_tensor_data
+from teleport_cli.models.loading import load_model
 
 S = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from teleport_cli.charlm import CharLM
-from teleport_cli.data_images import load_image_folder
+from teleport_cli.data.images import load_image_folder
+from teleport_cli.models.char_lm import CharLM
 
 HERE = Path(__file__).resolve().parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from teleport_cli.models import MLP
+from teleport_cli.models.builtin import MLP
 
 HERE = Path(__file__).resolve().parent
 SEED = 0

@@ -18,22 +18,26 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bases import LayerBasis, layer_basis
-from .capture import capture_grams
-from .formats import check_output_for, read_checkpoint, write_checkpoint
+from .audit.survey import summarise as _summaries
+from .checkpoints.containers import check_output_for, read_checkpoint, write_checkpoint
+from .checkpoints.options import FileOptions
+from .checkpoints.training_state import assemble, moved_keys, moved_stored
 from .config import TeleportConfig
-from .data import TensorData, as_tensor_data, split_holdout
+from .data.inputs import load_data_inputs
+from .data.tensors import as_tensor_data, split_holdout
 from .errors import NoStepAccepted, VerificationFailed
-from .layers import find_layers
-from .inputs import load_data_inputs
-from .models import load_weights, resolve_device
-from .objectives import LOSS_FUNCTIONS, full_gradient, make_objective
-from .precision import storage_failure, verify_storage
+from .models.device import resolve_device
+from .models.loading import load_weights
+from .nullspace.ascent import ascend, relative_changes
+from .nullspace.bases import LayerBasis, layer_basis
+from .nullspace.capture import capture_grams
+from .nullspace.derivatives import full_gradient
+from .nullspace.losses import LOSS_FUNCTIONS
+from .nullspace.objectives import make_objective
+from .nullspace.selection import find_layers
+from .nullspace.storage_dtype import storage_failure, verify_storage
+from .nullspace.verify import check_targets, compare, noise_floor
 from .records import LayerSummary, TeleportStats, Verification
-from .survey import summarise as _summaries
-from .teleport import ascend, relative_changes
-from .training_state import FileOptions, assemble, moved_keys, moved_stored
-from .verify import check_targets, compare, noise_floor
 
 # on_event(stage, done, total): stage is "capture", "teleport" or "verify"
 Progress = Callable[[str, int, int], None]
@@ -52,7 +56,7 @@ class TeleportOutcome:
         holdout_indices: indices of the calibration data set aside as held-out set, or None.
         calibration_sha256: hash of the calibration samples actually used.
         stability: with ``config.lr``: top Hessian eigenvalues before and after against the
-            SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.geometry.stability_check`).
+            SGD edge ``2 (1 + momentum) / lr`` (:func:`teleport_cli.audit.geometry.stability_check`).
         lookahead_lr: the learning rate of the look-ahead's virtual steps (``config.lr``, or
             ``1 / lambda_max`` of the calibration loss), None for other objectives.
         guard_samples: calibration samples kept out of the Grams and the objective as a guard.
@@ -92,7 +96,7 @@ def teleport(
 
     Args:
         model: a classifier returning ``(N, C)`` logits.
-        calibration: :class:`~teleport_cli.data.TensorData` or ``(inputs, targets)``.
+        calibration: :class:`~teleport_cli.data.tensors.TensorData` or ``(inputs, targets)``.
         config: settings (defaults: :class:`~teleport_cli.config.TeleportConfig`).
         holdout: held-out data; when None, ``config.holdout_fraction`` of ``calibration``
             (seeded by ``config.seed``) is set aside.
@@ -150,16 +154,16 @@ def teleport(
 
         lookahead_lr = config.lr
         if config.method != "nullspace":  # baselines: gradient-norm ascent on the level set without null spaces
-            from .levelset import levelset_teleport
+            from .baselines.levelset import levelset_teleport
 
             if config.method == "symmetry":
-                from .symmetry import symmetry_teleport as move
+                from .baselines.symmetry import symmetry_teleport as move
             else:
                 move = levelset_teleport
             stats = move(moved, cal_batches, config, loss_fn, noise_floor=floor, on_step=stepped)
         else:
             if config.objective == "lookahead" and lookahead_lr is None:
-                from .geometry import top_eigenvalue
+                from .audit.geometry import top_eigenvalue
 
                 lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed)), 1e-12)
             objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
@@ -180,7 +184,7 @@ def teleport(
         event("verify", 2, 2)
         stable = None
         if config.lr is not None:
-            from .geometry import stability_check, top_eigenvalue
+            from .audit.geometry import stability_check, top_eigenvalue
 
             event("stability", 0, 2)
             tops = [top_eigenvalue(m, cal_batches, loss_fn, seed=config.seed) for m in (model, moved)]
@@ -290,15 +294,15 @@ def apply(
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
 
-    The output is written in the input's container (see :mod:`teleport_cli.formats`); ``files``
+    The output is written in the input's container (see :mod:`teleport_cli.checkpoints.containers`); ``files``
     chooses the weights to move and what happens to EMA weights and optimizer state
-    (:mod:`teleport_cli.training_state`). ``module``: an instance of the architecture, for
+    (:mod:`teleport_cli.checkpoints.training_state`). ``module``: an instance of the architecture, for
     checkpoints whose metadata does not name one (its weights are replaced by the checkpoint's).
     ``model_spec``/``model_kwargs`` override the metadata's architecture (``--model``,
-    ``--model-kwargs``; :mod:`teleport_cli.factories`); ``samples`` keeps a seeded choice of
+    ``--model-kwargs``; :mod:`teleport_cli.models.factories`); ``samples`` keeps a seeded choice of
     calibration samples (``--samples``, seeded by ``config.seed``); with ``loss_from_checkpoint``
     the checkpoint's ``loss`` metadata (if any) replaces ``config.loss``. Data kinds:
-    :mod:`teleport_cli.data_sources`.
+    :mod:`teleport_cli.data.sources`.
 
     Raises:
         InputError (exit 3): unreadable or unfit inputs.

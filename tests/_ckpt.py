@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from teleport_cli.config import TeleportConfig
-from teleport_cli.models import MLP
+from teleport_cli.models.builtin import MLP
 from teleport_cli.pipeline import apply
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,11 @@ For two models A (reference) and B of the same architecture:
 
 * per data set (calibration, optional held-out): mean loss and accuracy of both and their
   difference, max and mean ``|logit_B - logit_A|`` over all samples and classes, and the
-  drift gate of ``teleport apply`` (:func:`teleport_cli.linesearch.drift_ok`, with A's noise floor);
+  drift gate of ``teleport apply`` (:func:`teleport_cli.nullspace.linesearch.drift_ok`, with A's noise floor);
 * per Linear/Conv2d layer: relative output drift ``||Z_B - Z_A||_F / ||Z_A||_F`` over the
   whole calibration set (forward hooks on both models), relative weight change
   ``||W_B - W_A||_F / ||W_A||_F``, and A's Gram rank and null-space dimension at tau;
-* geometry of each model on the calibration set (:mod:`teleport_cli.geometry`);
+* geometry of each model on the calibration set (:mod:`teleport_cli.audit.geometry`);
 * stability: heavy-ball SGD with step ``lr`` and momentum ``beta`` on a quadratic diverges
   once the top Hessian eigenvalue exceeds ``2 (1 + beta) / lr`` (``2 / lr`` without momentum;
   Polyak 1964; Cohen et al., ICLR 2021, "edge of stability"). Not for adaptive optimisers.
@@ -18,78 +18,31 @@ With one model only the geometry and the layers' null spaces are reported.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .bases import layer_basis
-from .capture import capture_grams
-from .data import TensorData
-from .errors import ConfigError
+from ..data.tensors import TensorData
+from ..errors import ConfigError
+from ..nullspace.ascent import relative_changes
+from ..nullspace.bases import layer_basis
+from ..nullspace.capture import capture_grams
+from ..nullspace.derivatives import Batches
+from ..nullspace.linesearch import drift_ok
+from ..nullspace.losses import LOSS_FUNCTIONS
+from ..nullspace.selection import find_layers
+from ..nullspace.verify import check_targets, forward_checked, noise_floor
+from ..records import _finite
 from .geometry import measure
-from .layers import find_layers
-from .objectives import LOSS_FUNCTIONS, Batches
-from .records import _finite
-from .linesearch import drift_ok
-from .teleport import relative_changes
-from .verify import check_targets, forward_checked, noise_floor
+from .settings import AuditSettings
 
 ADAPTIVE_NOTE = (
     "the 2(1+beta)/lr edge holds for plain SGD and heavy-ball momentum only; it does not cover "
     "adaptive optimizers (Adam, AdamW, RMSprop, Adagrad), whose step is preconditioned per parameter"
 )
 DRIFT_RULE = "|L_B - L_A| <= tolerance * |L_A| + 1e-6 + noise floor"
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """Options of an audit (the ``teleport report`` flags).
-
-    Attributes:
-        tau: input energy kept invariant, for the null-space dimension (as ``apply --tau``).
-        tolerance, holdout_tolerance: relative loss drift allowed on calibration / held-out set.
-        lr, momentum: SGD step and heavy-ball momentum for the stability check (None: no check).
-        iterations: Lanczos steps at most; probes: Hutchinson probes; radius: SAM rho
-            (parameter units); seed: seeds both.
-        batch_size: samples per forward pass (memory only).
-        spectrum_layers: layers whose Gram spectrum is plotted (empty: first, middle, last).
-    """
-
-    tau: float = 0.99
-    tolerance: float = 5e-3
-    holdout_tolerance: float = 2e-2
-    lr: float | None = None
-    momentum: float = 0.0
-    iterations: int = 20
-    probes: int = 16
-    radius: float = 0.05
-    seed: int = 0
-    batch_size: int = 256
-    spectrum_layers: tuple[str, ...] = ()
-    loss: str = "ce"
-
-    def __post_init__(self) -> None:
-        checks = [
-            (0.0 < self.tau <= 1.0, "--tau must be in (0, 1]"),
-            (self.tolerance >= 0 and self.holdout_tolerance >= 0, "--tolerance and --holdout-tolerance must be >= 0"),
-            (self.lr is None or self.lr > 0, "--lr must be > 0"),
-            (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)"),
-            (self.iterations >= 1, "--iterations must be at least 1"),
-            (self.probes >= 1, "--probes must be at least 1"),
-            (self.radius > 0, "--radius must be > 0"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["spectrum_layers"] = list(self.spectrum_layers)
-        return d
 
 
 @dataclass

@@ -3,7 +3,7 @@
 All figures are of the mean calibration loss ``L(theta) = (1/N) sum_n l(f(x_n), y_n)`` with
 respect to all trainable parameters ``theta`` (P numbers), computed from the same streamed
 full gradient and Hessian-vector products as the teleport objective
-(:func:`teleport_cli.objectives.full_gradient`, :func:`~teleport_cli.objectives.hessian_vector_product`,
+(:func:`teleport_cli.nullspace.derivatives.full_gradient`, :func:`~teleport_cli.nullspace.derivatives.hessian_vector_product`,
 which runs scaled-dot-product attention on the math backend: fused kernels have no double
 backward). No P x P matrix is ever formed.
 
@@ -31,9 +31,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .objectives import Batches, count_samples, full_gradient, hessian_vector_product
-from .records import _finite
-from .verify import evaluate_loss
+from ..nullspace.derivatives import (
+    Batches,
+    count_samples,
+    full_gradient,
+    hessian_vector_product,
+)
+from ..nullspace.verify import evaluate_loss
+from ..records import _finite
 
 # Lanczos keeps its basis (iterations x P numbers) for full reorthogonalisation only while it
 # is at most this many numbers (512 MiB in float32); above it runs the three-term recurrence

@@ -3,7 +3,7 @@
 Plots (Agg backend, no display needed):
 
 * per-layer relative output drift and relative weight change (two checkpoints only);
-* per-layer null-space dimension against tau (the rule of :func:`teleport_cli.bases.null_mask`);
+* per-layer null-space dimension against tau (the rule of :func:`teleport_cli.nullspace.bases.null_mask`);
 * the Gram eigenvalue spectrum of chosen layers, relative to the largest eigenvalue.
 
 The page loads nothing from outside (no scripts, styles or fonts from the network); a
@@ -26,10 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .audit import Audit  # noqa: E402
-from .bases import EPS64, null_mask  # noqa: E402
-from .errors import OutputError  # noqa: E402
-from .formats.atomic import resolve_output  # noqa: E402
+from ..checkpoints.atomic import resolve_output  # noqa: E402
+from ..errors import OutputError  # noqa: E402
+from ..nullspace.bases import EPS64, null_mask  # noqa: E402
+from .compare import Audit  # noqa: E402
 
 TAU_GRID = (0.5, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0)
 

@@ -1,4 +1,4 @@
-"""What ``teleport report`` runs: files in, an :class:`~teleport_cli.audit.Audit` out.
+"""What ``teleport report`` runs: files in, an :class:`~teleport_cli.audit.compare.Audit` out.
 
 Also builds the audit of a teleport that ``teleport apply --report`` has just done, on exactly
 the calibration and held-out samples that the teleport used.
@@ -11,12 +11,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .audit import Audit, AuditSettings, audit_models
-from .config import TeleportConfig
-from .data import load_tensor_data, split_holdout
-from .errors import InputError
-from .formats import read_checkpoint
-from .models import load_model, model_from_metadata, resolve_device
+from ..checkpoints.containers import read_checkpoint
+from ..config import TeleportConfig
+from ..data.tensors import load_tensor_data, split_holdout
+from ..errors import InputError
+from ..models.builtin import model_from_metadata
+from ..models.device import resolve_device
+from ..models.loading import load_model
+from .compare import Audit, audit_models
+from .settings import AuditSettings
 
 
 def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bases import LayerBasis, layer_basis
-from .capture import GramAccumulator, capture_grams
-from .data import TensorData, as_tensor_data
-from .layers import Excluded, LayerSpec, find_layers
-from .records import LayerSummary
+from ..data.tensors import TensorData, as_tensor_data
+from ..nullspace.bases import LayerBasis, layer_basis
+from ..nullspace.capture import GramAccumulator, capture_grams
+from ..nullspace.layers import Excluded, LayerSpec
+from ..nullspace.selection import find_layers
+from ..records import LayerSummary
 
 DEAD = "never called on the calibration set (dead branch)"
 
@@ -76,13 +77,13 @@ def survey_model(model: nn.Module, calibration, tau: float, *, batch_size: int =
 
     Args:
         model: any ``nn.Module``; run in eval mode (its mode is restored), on its own device.
-        calibration: :class:`~teleport_cli.data.TensorData` or ``(inputs, targets)``.
+        calibration: :class:`~teleport_cli.data.tensors.TensorData` or ``(inputs, targets)``.
         tau: in (0, 1]; 1 is the numerically exact null space (numpy's ``matrix_rank`` rule).
 
     Raises:
         InputError: the data do not fit the model.
     """
-    from .verify import forward_checked
+    from ..nullspace.verify import forward_checked
 
     data = as_tensor_data(calibration, "calibration data")
     device = next(model.parameters()).device
@@ -138,16 +139,17 @@ def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.
     """Load a checkpoint and a calibration file and survey every layer at ``tau``.
 
     ``weights``, ``trust_pickle``, ``model_spec`` and ``model_kwargs`` choose the weight set and
-    the architecture as ``teleport apply`` does (:func:`teleport_cli.models.load_model`).
+    the architecture as ``teleport apply`` does (:func:`teleport_cli.models.loading.load_model`).
 
     Raises:
         InputError (exit 3): unreadable checkpoint or data, data that do not fit the model.
         ConfigError (exit 2): tau outside (0, 1].
     """
-    from .config import TeleportConfig
-    from .data_sources import load_data
-    from .inputs import checkpoint_data_config
-    from .models import load_model, resolve_device
+    from ..config import TeleportConfig
+    from ..data.inputs import checkpoint_data_config
+    from ..data.sources import load_data
+    from ..models.device import resolve_device
+    from ..models.loading import load_model
 
     TeleportConfig(tau=tau, batch_size=batch_size, device=device)  # validates the values
     model, ckpt, arch, _ = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)

@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import TeleportConfig
-from .objectives import Batches, full_gradient, hessian_vector_product
-from .linesearch import StepLog, gradient_norm_step
-from .records import StepRecord, TeleportStats
+from ..config import TeleportConfig
+from ..nullspace.derivatives import Batches, full_gradient, hessian_vector_product
+from ..nullspace.linesearch import StepLog, gradient_norm_step
+from ..records import StepRecord, TeleportStats
 
 
 def _dot(a, b) -> float:

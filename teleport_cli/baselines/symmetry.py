@@ -35,12 +35,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .config import TeleportConfig
-from .errors import ConfigError
-from .models import MLP
-from .objectives import Batches, full_gradient
-from .linesearch import StepLog, gradient_norm_step
-from .records import StepRecord, TeleportStats
+from ..config import TeleportConfig
+from ..errors import ConfigError
+from ..models.builtin import MLP
+from ..nullspace.derivatives import Batches, full_gradient
+from ..nullspace.linesearch import StepLog, gradient_norm_step
+from ..records import StepRecord, TeleportStats
 
 Params = dict[str, torch.Tensor]
 # activations with singular values below this share of the largest count as rank-deficient
@@ -48,7 +48,7 @@ RCOND = 1e-3
 
 
 def check_mlp(model: nn.Module) -> None:
-    """Raises: ConfigError: ``model`` is not the built-in :class:`~teleport_cli.models.MLP`."""
+    """Raises: ConfigError: ``model`` is not the built-in :class:`~teleport_cli.models.builtin.MLP`."""
     if not isinstance(model, MLP) or len(model.hidden) == 0:
         raise ConfigError("symmetry teleportation needs the built-in mlp architecture", hint="use --method levelset or the null-space teleport")
 
@@ -142,13 +142,13 @@ def symmetry_teleport(
     Each step: ``D_i = d/dT_i 1/2 ||grad L||^2`` at ``T = 0`` (float64 autograd through
     :func:`act`), a normalised step ``T = eta * ||I|| * D / ||D||`` (``||I||^2 = sum k_i``), the
     action applied to the current weights; accepted when the calibration-loss drift from the
-    start is within ``config.tolerance`` (:func:`~teleport_cli.linesearch.drift_ok`) and the
+    start is within ``config.tolerance`` (:func:`~teleport_cli.nullspace.linesearch.drift_ok`) and the
     gradient norm grew, else ``eta`` halves (``config.max_backtracks``). The action's data is a
     seeded subset (``config.seed``) of at most ``min k_i`` calibration inputs
     (:func:`action_subset`); drift is judged on the whole calibration set (model's dtype).
 
     Args:
-        model: the model to move (a copy), an :class:`~teleport_cli.models.MLP`, eval mode.
+        model: the model to move (a copy), an :class:`~teleport_cli.models.builtin.MLP`, eval mode.
         batches: re-iterable calibration batches.
         config: ``steps``, ``step_size``, ``tolerance``, ``max_backtracks``, ``target_ratio``, ``seed``.
         loss_fn: summed batch loss.

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .bench import smoothed  # noqa: E402
+from .resume import smoothed  # noqa: E402
 
 
 def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:

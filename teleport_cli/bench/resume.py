@@ -26,41 +26,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import TeleportConfig
-from .data import TensorData
-from .layers import find_layers, weight_blocks
-from .levelset import levelset_teleport
-from .models import MLP
-from .objectives import LOSS_FUNCTIONS
-from .pipeline import teleport
-from .symmetry import symmetry_teleport
-
-OPTIMIZERS = ("sgd", "momentum", "adam")
-DEFAULT_LR = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
-VARIANTS = ("original", "nullspace", "periodic", "random", "levelset", "symmetry")
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What every variant shares: optimizer, learning rate, K steps, batch size, seeds."""
-
-    optimizer: str = "sgd"
-    lr: float | None = None
-    steps: int = 100
-    batch_size: int = 32
-    seeds: tuple[int, ...] = (0, 1, 2)
-    holdout_every: int = 10
-    period: int = 25
-    calibration_samples: int = 256
-    variants: tuple[str, ...] = VARIANTS
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    @property
-    def window(self) -> int:
-        return max(1, self.steps // 10)
+from ..baselines.levelset import levelset_teleport
+from ..baselines.symmetry import symmetry_teleport
+from ..config import TeleportConfig
+from ..data.tensors import TensorData
+from ..models.builtin import MLP
+from ..nullspace.layers import weight_blocks
+from ..nullspace.losses import LOSS_FUNCTIONS
+from ..nullspace.selection import find_layers
+from ..pipeline import teleport
+from .settings import BenchSettings
 
 
 @dataclass

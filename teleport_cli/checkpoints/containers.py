@@ -11,7 +11,7 @@ torch          ``.pt``/``.pth``/``.bin``/``.pth.tar`` pickle    same structure a
 
 :func:`read_checkpoint` returns a :class:`LoadedCheckpoint`; :func:`write_checkpoint` writes new
 weight sets and entries in the input's container, atomically, after refusing NaN or Inf.
-This package (with :mod:`teleport_cli.checkpoint`) is the only importer of safetensors.
+This package (with :mod:`teleport_cli.checkpoints.tensor_files`) is the only importer of safetensors.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import torch
 from ..errors import InputError, OutputError
 from . import hf, sharded, single, torchfile
 from .atomic import PICKLE_SUFFIXES, check_output
-from .base import Container, LoadedCheckpoint, WeightSet, alias_groups, align_to_model, canonical_keys, nonfinite_keys
+from .base import (
+    Container,
+    LoadedCheckpoint,
+    WeightSet,
+    alias_groups,
+    align_to_model,
+    canonical_keys,
+    nonfinite_keys,
+)
 
 __all__ = [
     "Container", "LoadedCheckpoint", "WeightSet", "alias_groups", "align_to_model", "canonical_keys",

@@ -15,7 +15,14 @@ from safetensors.torch import save_file
 
 from ..errors import InputError
 from .atomic import write_file_atomic
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, one_line, sha256_file
+from .base import (
+    Container,
+    LoadedCheckpoint,
+    WeightSet,
+    check_finite,
+    one_line,
+    sha256_file,
+)
 
 KIND = "safetensors"
 

@@ -1,9 +1,9 @@
-"""A small facade over :mod:`teleport_cli.formats` for callers that want one state dict.
+"""A small facade over :mod:`teleport_cli.checkpoints.containers` for callers that want one state dict.
 
 :func:`load_checkpoint` reads any supported container as one state dict with its metadata;
 :func:`read_tensor_file` reads safetensors data files; :func:`save_checkpoint` writes one
 safetensors file atomically. Writing a checkpoint back in its own container (training
-checkpoints, sharded and Hugging Face folders) is :func:`teleport_cli.formats.write_checkpoint`.
+checkpoints, sharded and Hugging Face folders) is :func:`teleport_cli.checkpoints.containers.write_checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, OutputError
-from .formats import read_checkpoint
-from .formats.atomic import check_output, write_file_atomic
-from .formats.base import nonfinite_keys, sha256_file  # noqa: F401  (re-exported)
-from .formats.single import read_safetensors, write_safetensors
+from ..errors import InputError, OutputError
+from .atomic import check_output, write_file_atomic
+from .base import nonfinite_keys, sha256_file  # noqa: F401  (re-exported)
+from .containers import read_checkpoint
+from .single import read_safetensors, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,13 @@ def read_tensor_file(path: str | Path, *, what: str = "checkpoint") -> tuple[dic
 
 
 def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Load any supported checkpoint (see :mod:`teleport_cli.formats`) as one state dict.
+    """Load any supported checkpoint (see :mod:`teleport_cli.checkpoints.containers`) as one state dict.
 
     The state dict is the weights training resumes from (``state_dict`` of a training
     checkpoint), keyed without ``module.``/``_orig_mod.`` wrapper prefixes.
 
     Raises:
-        InputError: see :func:`teleport_cli.formats.read_checkpoint`.
+        InputError: see :func:`teleport_cli.checkpoints.containers.read_checkpoint`.
     """
     loaded = read_checkpoint(path, trust_pickle=trust_pickle)
     return Checkpoint(str(path), next(iter(loaded.weights.values())).by_canonical(), loaded.metadata, loaded.sha256)

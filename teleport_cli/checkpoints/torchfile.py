@@ -28,7 +28,14 @@ import torch
 
 from ..errors import InputError
 from .atomic import write_file_atomic
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, one_line, sha256_file
+from .base import (
+    Container,
+    LoadedCheckpoint,
+    WeightSet,
+    check_finite,
+    one_line,
+    sha256_file,
+)
 
 KIND = "torch"
 ALLOWED_GLOBALS = [argparse.Namespace]

@@ -21,34 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError, OutputError
-from .formats import LoadedCheckpoint, alias_groups, align_to_model
-from .formats.torchfile import OPTIMIZER_ENTRIES
-
-WEIGHT_CHOICES = ("state_dict", "ema")
-
-
-@dataclass(frozen=True)
-class FileOptions:
-    """How ``teleport apply`` treats the checkpoint file (the CLI flags of the same names).
-
-    Attributes:
-        weights: ``state_dict`` (default) or ``ema``: which weights are teleported.
-        keep_ema: leave EMA weights untouched instead of re-seeding them.
-        keep_optimizer_state: keep the optimizer state although the weights moved.
-        trust_pickle: unpickle without the weights-only restriction (runs code from the file).
-    """
-
-    weights: str = "state_dict"
-    keep_ema: bool = False
-    keep_optimizer_state: bool = False
-    trust_pickle: bool = False
-
-    def __post_init__(self) -> None:
-        if self.weights not in WEIGHT_CHOICES:
-            raise ConfigError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}")
-        if self.weights == "ema" and self.keep_ema:
-            raise ConfigError("--keep-ema cannot be combined with --weights ema", hint="--weights ema moves the EMA weights")
+from ..errors import InputError, OutputError
+from .base import LoadedCheckpoint, alias_groups, align_to_model
+from .options import FileOptions
+from .torchfile import OPTIMIZER_ENTRIES
 
 
 @dataclass

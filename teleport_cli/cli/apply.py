@@ -7,10 +7,17 @@ import json
 import click
 from rich.table import Table
 
+from ..checkpoints.options import FileOptions
 from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
-from ..training_state import FileOptions
-from .common import EXIT_CODES_HELP, fail, model_options, progress_events, stderr_console, weight_options
+from .common import (
+    EXIT_CODES_HELP,
+    fail,
+    model_options,
+    progress_events,
+    stderr_console,
+    weight_options,
+)
 
 D = TeleportConfig()
 
@@ -101,7 +108,9 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
         inputs = [checkpoint, data, holdout, output]
         if report_out is not None:
-            from ..report_html import check_html_path  # matplotlib: imported only when a page is asked for
+            from ..audit.html import (
+                check_html_path,  # matplotlib: imported only when a page is asked for
+            )
 
             check_html_path(report_out, inputs, flag="--report")
         with progress_events(not quiet) as on_event:
@@ -130,8 +139,8 @@ def _write_report(path, result, data, holdout, config, inputs) -> str | None:
     """The `teleport report` page of this teleport (source vs teleported model), or None without --report."""
     if path is None:
         return None
-    from ..report import report_for_apply
-    from ..report_html import render, write_html
+    from ..audit.html import render, write_html
+    from ..audit.report import report_for_apply
 
     return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
 

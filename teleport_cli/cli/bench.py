@@ -9,11 +9,18 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..bench import OPTIMIZERS, VARIANTS, BenchSettings
+from ..bench.settings import OPTIMIZERS, VARIANTS, BenchSettings
+from ..checkpoints.atomic import resolve_output, writable
 from ..config import DEVICES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
-from ..formats.atomic import resolve_output, writable
-from .common import EXIT_CODES_HELP, fail, model_options, progress_events, stderr_console, weight_options
+from .common import (
+    EXIT_CODES_HELP,
+    fail,
+    model_options,
+    progress_events,
+    stderr_console,
+    weight_options,
+)
 
 D = TeleportConfig()
 
@@ -90,9 +97,10 @@ def _out_folder(out_dir, inputs) -> Path | None:
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
           objective, tau, teleport_steps, step_size, step_growth, device, out_dir, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
-    from ..bench import run_bench
-    from ..data import load_tensor_data
-    from ..models import load_model, resolve_device
+    from ..bench.resume import run_bench
+    from ..data.tensors import load_tensor_data
+    from ..models.device import resolve_device
+    from ..models.loading import load_model
 
     try:
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
@@ -121,7 +129,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
     doc["checkpoint"] = str(checkpoint)
     doc["weights"] = weights
     if out is not None:
-        from ..bench_plots import plot_curves
+        from ..bench.plots import plot_curves
 
         doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name)]
         (out / "bench.json").write_text(json.dumps(doc, indent=1))

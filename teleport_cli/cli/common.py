@@ -70,7 +70,7 @@ def model_options(f):
 
 def weight_options(verb: str):
     """``--weights`` and ``--trust-pickle``: which weight set of a checkpoint a command reads."""
-    from ..training_state import WEIGHT_CHOICES
+    from ..checkpoints.options import WEIGHT_CHOICES
 
     def decorate(f):
         f = click.option("--trust-pickle", is_flag=True, help="Unpickle a torch.save file that needs code beyond plain tensors (runs code from the file).")(f)

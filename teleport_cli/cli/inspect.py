@@ -39,7 +39,7 @@ def _table(doc: dict) -> Table:
 def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """One row per layer of CHECKPOINT on the calibration set: kind, d_in, rank of its Gram,
     null-space dimension at --tau, and whether it will be teleported (or why not)."""
-    from ..survey import inspect_checkpoint
+    from ..audit.survey import inspect_checkpoint
 
     try:
         doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device, weights=weights, trust_pickle=trust_pickle,

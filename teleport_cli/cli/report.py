@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from ..audit import AuditSettings
+from ..audit.settings import AuditSettings
 from ..config import DEVICES
 from ..errors import EXIT_VERIFICATION_FAILED, TeleportError
 from .common import EXIT_CODES_HELP, fail, model_options, stderr_console, weight_options
@@ -116,9 +116,9 @@ def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau,
     With B, exits 4 when B's loss drifts from A's beyond --tolerance (calibration) or
     --holdout-tolerance (held-out), by the rule of `teleport apply`.
     """
-    from ..report import report as run_report
-    from ..report_html import render as render_html
-    from ..report_html import check_html_path, write_html
+    from ..audit.html import check_html_path, write_html
+    from ..audit.html import render as render_html
+    from ..audit.report import report as run_report
 
     try:
         settings = AuditSettings(tau=tau, tolerance=tolerance, holdout_tolerance=holdout_tolerance, lr=lr, momentum=momentum,

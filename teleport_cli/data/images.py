@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import TensorData
-from .errors import InputError
+from ..errors import InputError
+from .tensors import TensorData
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TIMM_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")

@@ -2,8 +2,8 @@
 
 Read with the checkpoint's ``data_config`` (image preprocessing, text vocabulary) and the built
 model (timm defaults, channel check); a seeded choice of ``--samples`` calibration samples is
-kept. The checkpoint and model half is :mod:`teleport_cli.formats` and
-:mod:`teleport_cli.factories`.
+kept. The checkpoint and model half is :mod:`teleport_cli.checkpoints.containers` and
+:mod:`teleport_cli.models.factories`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import LOSSES
-from .data_sources import LoadedData, choose_samples, load_data
-from .errors import InputError
+from ..config import LOSSES
+from ..errors import InputError
+from .sources import LoadedData, choose_samples, load_data
 
 
 @dataclass

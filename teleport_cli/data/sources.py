@@ -3,9 +3,9 @@
 ==========================================  ================================================
 path                                        read as
 ==========================================  ================================================
-a folder                                    image folder (:mod:`teleport_cli.data_images`)
-``.safetensors`` with ``tokens``            token file (:mod:`teleport_cli.data_tokens`)
-``.safetensors`` with ``inputs``/``targets``  tensor file (:mod:`teleport_cli.data`)
+a folder                                    image folder (:mod:`teleport_cli.data.images`)
+``.safetensors`` with ``tokens``            token file (:mod:`teleport_cli.data.tokens`)
+``.safetensors`` with ``inputs``/``targets``  tensor file (:mod:`teleport_cli.data.tensors`)
 ``.txt``                                    text with the checkpoint's vocabulary
 ==========================================  ================================================
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_tensor_file
-from .data import TensorData, tensor_data_from
-from .data_images import load_image_folder
-from .data_tokens import load_text_file, tokens_to_data
-from .errors import InputError
+from ..checkpoints.tensor_files import read_tensor_file
+from ..errors import InputError
+from .images import load_image_folder
+from .tensors import TensorData, tensor_data_from
+from .tokens import load_text_file, tokens_to_data
 
 
 @dataclass

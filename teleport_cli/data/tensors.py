@@ -2,8 +2,8 @@
 
 A tensor file is a safetensors file with two tensors: ``inputs`` (``N x ...``, float, already
 preprocessed the way the model expects) and ``targets`` (``N``, integer class indices).
-Image folders and token files: :mod:`teleport_cli.data_images`, :mod:`teleport_cli.data_tokens`;
-which one a path is: :mod:`teleport_cli.data_sources`.
+Image folders and token files: :mod:`teleport_cli.data.images`, :mod:`teleport_cli.data.tokens`;
+which one a path is: :mod:`teleport_cli.data.sources`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import read_tensor_file
-from .errors import InputError
+from ..checkpoints.tensor_files import read_tensor_file
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

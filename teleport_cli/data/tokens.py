@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .data import TensorData
-from .errors import InputError
+from ..errors import InputError
+from .tensors import TensorData
 
 
 def tokens_to_data(tokens: torch.Tensor, source: str, vocab_size: int | None = None) -> TensorData:

@@ -2,7 +2,7 @@
 
 Only the command line may name code to import (``--model package.module:factory``); a
 checkpoint's metadata may name built-in or timm architectures only
-(:func:`teleport_cli.models.model_from_metadata` refuses anything else), so that opening a
+(:func:`teleport_cli.models.builtin.model_from_metadata` refuses anything else), so that opening a
 ``.safetensors`` file never runs code.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import ConfigError, InputError
-from .models import build_model, model_from_metadata
+from ..errors import ConfigError, InputError
+from .builtin import build_model, model_from_metadata
 
 
 @dataclass

@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..config import TeleportConfig
+from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
-from .config import TeleportConfig
+from .derivatives import Batches, GradientState, full_gradient
 from .layers import LayerSpec, layer_weight, weight_blocks
-from .objectives import Batches, GradientState, GradNormObjective, full_gradient
 from .linesearch import StepLog, backtrack, drift_ok
-from .records import StepRecord, TeleportStats
+from .objectives import GradNormObjective
 
 # A projected direction smaller than this share of the unprojected one is roundoff (float32
 # gradients leak about 1e-7 into directions where the exact value is zero); the normalised
@@ -100,7 +101,7 @@ def ascend(
         batches: re-iterable calibration batches ``(inputs, targets)``.
         layers: the teleportable layers; only those with a basis in ``bases`` and a non-empty
             null space move.
-        bases: name -> null-space basis (from :func:`teleport_cli.bases.layer_basis`).
+        bases: name -> null-space basis (from :func:`teleport_cli.nullspace.bases.layer_basis`).
         config: step size, cap, tolerance, steps, target ratio, backtracks.
         loss_fn: summed loss of a batch, ``(logits, targets) -> scalar``.
         noise_floor: loss difference between two identical evaluations (added to the rule).

@@ -6,7 +6,7 @@ first batch each layer is also checked to be a plain linear map of its input: it
 equal ``F.linear``/``F.conv1d/2d/3d`` of the captured input with its stored weight and bias, so
 that subclasses that transform the weight or the input inside ``forward`` are never teleported.
 ``nn.MultiheadAttention`` is captured through one hook on the attention module
-(:mod:`teleport_cli.attention`). Every hook handle is removed when the context exits, also on
+(:mod:`teleport_cli.nullspace.attention`). Every hook handle is removed when the context exits, also on
 error.
 """
 
@@ -112,7 +112,7 @@ def capture_grams(
 
     Args:
         model: the model, already on its device and in eval mode.
-        layers: the layers to capture (from :func:`teleport_cli.layers.find_layers`).
+        layers: the layers to capture (from :func:`teleport_cli.nullspace.selection.find_layers`).
         batches: re-iterable of ``(inputs, targets)`` on the model's device.
         on_batch: called with the number of samples after each batch (progress).
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .records import StepRecord, TeleportStats
+from ..records import StepRecord, TeleportStats
 
 C = TypeVar("C")
 

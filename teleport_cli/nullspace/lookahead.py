@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import GradientState, full_gradient, hessian_vector_product
+from .derivatives import GradientState, full_gradient, hessian_vector_product
 
 
 class LookaheadObjective:

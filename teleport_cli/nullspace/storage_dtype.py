@@ -19,10 +19,10 @@ import copy
 import torch
 from torch import nn
 
-from .config import TeleportConfig
-from .data import TensorData, split_holdout
-from .errors import VerificationFailed
-from .objectives import LOSS_FUNCTIONS
+from ..config import TeleportConfig
+from ..data.tensors import TensorData, split_holdout
+from ..errors import VerificationFailed
+from .losses import LOSS_FUNCTIONS
 from .verify import compare
 
 COMPUTE = torch.float32

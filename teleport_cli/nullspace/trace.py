@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .objectives import GradientState
+from .derivatives import GradientState
 
 
 class TraceObjective:

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import InputError
-from .objectives import Batches
-from .records import SetCheck
+from ..errors import InputError
+from ..records import SetCheck
+from .derivatives import Batches
 from .linesearch import drift_ok
 
 # A run-to-run loss difference above this share of the loss cannot come from floating-point

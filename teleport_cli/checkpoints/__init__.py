@@ -1,0 +1,41 @@
+"""Load and save: every checkpoint container, its training state, and atomic writes.
+
+The only importer of safetensors. Imports nothing from the teleport stage.
+
+==================  ==========================================================================
+``containers``      which container a path is; read one, write the same one back
+``single``          one ``.safetensors`` file
+``sharded``         sharded safetensors with ``model.safetensors.index.json``
+``hf``              ``config.json`` folders as timm's ``save_for_hf`` writes them
+``torchfile``       ``torch.save`` pickles and timm training checkpoints; safe unpickling
+``base``            what every reader returns; key and tensor rules
+``atomic``          output checks before any work; atomic file and folder writes
+``tensor_files``    one state dict or tensor file in, one out (calibration files, tests)
+``options``         which weights move (``--weights``, ``--keep-ema``, ...)
+``training_state``  EMA weights, optimizer state, ties and dtypes of what is written back
+==================  ==========================================================================
+
+Names are imported lazily (PEP 562).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "read_checkpoint": ".containers",
+    "write_checkpoint": ".containers",
+    "check_output_for": ".containers",
+    "LoadedCheckpoint": ".base",
+    "WeightSet": ".base",
+    "FileOptions": ".options",
+    "load_checkpoint": ".tensor_files",
+    "save_checkpoint": ".tensor_files",
+    "read_tensor_file": ".tensor_files",
+    "write_file_atomic": ".atomic",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,32 @@
+"""Architectures to ``nn.Module``: built-in models, timm names, ``package.module:factory``.
+
+=============  ==========================================================================
+``builtin``    the built-in ``mlp`` and ``char_lm``; timm names; metadata to a model
+``char_lm``    the small causal character-level transformer
+``factories``  ``--model`` and ``--model-kwargs`` (the only place that imports user code)
+``loading``    checkpoint to loaded model, strictly
+``device``     ``--device auto|cpu|cuda``
+=============  ==========================================================================
+
+Names are imported lazily (PEP 562).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "MLP": ".builtin",
+    "build_model": ".builtin",
+    "CharLM": ".char_lm",
+    "ModelChoice": ".factories",
+    "choose_model": ".factories",
+    "load_model": ".loading",
+    "load_weights": ".loading",
+    "resolve_device": ".device",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

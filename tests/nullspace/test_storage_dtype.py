@@ -1,0 +1,134 @@
+"""Half-precision storage: dtypes preserved, verification again after the cast, rounding floor."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _ckpt import MOVABLE, identical, loss64, mid_metadata, mid_state, run
+from safetensors.torch import load_file, save_file
+
+from teleport_cli.config import TeleportConfig
+from teleport_cli.data.tensors import TensorData
+from teleport_cli.models.builtin import MLP
+from teleport_cli.nullspace.storage_dtype import verify_storage
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float16", "bfloat16", "mixed"],  # mixed: weights float16, biases float32
+)
+def test_storage_dtype_is_kept_and_verified_after_the_cast(tmp_path, case):
+    state = mid_state()
+    if case == "mixed":
+        state = {k: v.half() if k.endswith("weight") else v for k, v in state.items()}
+    else:
+        state = {k: v.to(getattr(torch, case)) for k, v in state.items()}
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(state, str(src), metadata=mid_metadata())
+    result = run(src, out)
+    after = load_file(str(out))
+    for k, v in state.items():
+        assert after[k].dtype == v.dtype, k
+        assert (not torch.equal(after[k], v)) if k in MOVABLE else identical(after[k], v), k
+    st = result.files["storage"]
+    assert st["cast"] is True and st["passed"] is True
+    assert st["dtypes"] == (["bfloat16"] if case == "bfloat16" else ["float16"])
+    cal = st["calibration"]
+    # both verifications are reported: in float32 (the teleport) and of the file as written
+    doc = result.to_dict()
+    assert doc["checkpoint"]["storage"] is st and doc["calibration"]["passed"] and doc["holdout"]["passed"]
+    assert doc["calibration"]["loss_after"] != cal["loss_after_cast"]
+    assert cal["loss_after_cast"] == pytest.approx(loss64(after), rel=1e-5)
+    assert cal["loss_before"] == pytest.approx(loss64(state), rel=1e-5)
+    assert cal["rounding_floor_loss"] >= 0 and cal["rounding_floor_max_abs_logit_diff"] > 0
+    assert abs(cal["loss_after_cast"] - cal["loss_before"]) <= 5e-3 * cal["loss_before"] + 1e-6 + cal["rounding_floor_loss"] + 1e-6
+
+
+def test_float32_storage_needs_no_cast(tmp_path):
+    result = run(_copy_mid(tmp_path), tmp_path / "out.safetensors")
+    assert result.files["storage"] == {"cast": False, "dtypes": ["float32"], "passed": True}
+
+
+def _copy_mid(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(mid_state(), str(src), metadata=mid_metadata())
+    return src
+
+
+def _ce64(model: MLP, weights: dict, x, y) -> tuple[float, torch.Tensor]:
+    m = MLP(6, [5], 3).double()
+    m.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        for k, v in weights.items():
+            m.get_parameter(k).copy_(v.double())
+        logits = m(x.double())
+    return F.cross_entropy(logits, y).item(), logits
+
+
+def test_rounding_floor_is_the_same_rounding_applied_to_the_original_weights():
+    """An exact null-space move (tau = 1): float32 outputs do not change, float16 rounding does."""
+    torch.manual_seed(4)
+    original = MLP(6, [5], 3).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.copy_(p.half().float())  # the stored float16 values, loaded exactly
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    hx, hy = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    w0 = original.hidden[0].weight.detach()
+    null = torch.linalg.svd(x.double(), full_matrices=True).Vh[3:].float()  # rows orthogonal to every sample
+    w1 = w0 + 0.3 * torch.randn(5, 3) @ null
+    teleported = MLP(6, [5], 3).eval()
+    teleported.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        teleported.hidden[0].weight.copy_(w1)
+    stored = {"hidden.0.weight": w1.half()}
+    cfg = TeleportConfig(device="cpu")
+    out = verify_storage(original, teleported, stored, TensorData(x, y), TensorData(hx, hy), cfg, 0.0)
+
+    r = w1.half().double() - w1.double()
+    assert out["cast"] and out["max_abs_rounding"] == pytest.approx(r.abs().max().item(), rel=1e-6)
+    for name, (xs, ys) in (("calibration", (x, y)), ("holdout", (hx, hy))):
+        l0, z0 = _ce64(original, {}, xs, ys)
+        lc, zc = _ce64(original, {"hidden.0.weight": w1.half()}, xs, ys)
+        lf, zf = _ce64(original, {"hidden.0.weight": w0.double() + r}, xs, ys)
+        c = out[name]
+        assert c["loss_before"] == pytest.approx(l0, rel=1e-6)
+        assert c["loss_after_cast"] == pytest.approx(lc, rel=1e-6)
+        assert c["max_abs_logit_diff"] == pytest.approx((zc - z0).abs().max().item(), rel=1e-2, abs=1e-6)
+        assert c["rounding_floor_loss"] == pytest.approx(abs(lf - l0), abs=2e-6)
+        assert c["rounding_floor_max_abs_logit_diff"] == pytest.approx((zf - z0).abs().max().item(), rel=1e-2, abs=1e-6)
+    # on the calibration set the float32 move is exact, so after the cast only rounding is left
+    assert out["calibration"]["max_abs_logit_diff"] > 0
+    assert out["calibration"]["max_abs_logit_diff"] < 10 * 2**-10 * float(w1.abs().max()) * float(x.abs().sum(1).max())
+
+
+def test_a_cast_that_fails_verification_is_exit_4_and_writes_nothing(tmp_path, monkeypatch):
+    """The held-out loss of an exact calibration-set move changes; with a zero held-out
+    tolerance the cast check fails (computed, not mocked), and the pipeline refuses to write."""
+    import teleport_cli.pipeline as pipeline
+    from teleport_cli.nullspace.storage_dtype import storage_failure
+
+    torch.manual_seed(4)
+    original = MLP(6, [5], 3).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.copy_(p.half().float())
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    hx, hy = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    null = torch.linalg.svd(x.double(), full_matrices=True).Vh[3:].float()
+    teleported = MLP(6, [5], 3).eval()
+    teleported.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        teleported.hidden[0].weight.add_(0.3 * torch.randn(5, 3) @ null)
+    stored = {"hidden.0.weight": teleported.hidden[0].weight.detach().half()}
+    cfg = TeleportConfig(device="cpu", holdout_tolerance=0.0)
+    out = verify_storage(original, teleported, stored, TensorData(x, y), TensorData(hx, hy), cfg, 0.0)
+    assert out["calibration"]["passed"] and not out["holdout"]["passed"] and not out["passed"]
+    err = storage_failure(out)
+    assert err.exit_code == 4 and "after casting back to float16 failed: holdout loss" in err.one_line()
+
+    # the pipeline raises it before writing anything
+    monkeypatch.setattr(pipeline, "verify_storage", lambda *a, **k: out)
+    src = _copy_mid(tmp_path)
+    with pytest.raises(type(err)) as e:
+        run(src, tmp_path / "out.safetensors")
+    assert e.value.result.files["storage"] is out and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
