@@ -32,7 +32,17 @@ _EXPORTS = {"TeleportConfig": ".config", "TeleportOutcome": ".pipeline", "apply"
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A PEP 562 module ``__getattr__`` for ``package``: ``exports`` maps each public name to the
+    module (relative to ``package``) that defines it, imported on first use. Every subpackage's
+    ``__init__`` uses it, so that importing a package imports none of its heavy dependencies."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(importlib.import_module(exports[name], package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,16 +8,11 @@
 Names are imported lazily (PEP 562).
 """
 
-import importlib
+from .. import lazy_exports
 
 _EXPORTS = {
     "levelset_teleport": ".levelset",
     "symmetry_teleport": ".symmetry",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -18,7 +18,7 @@ The only importer of safetensors. Imports nothing from the teleport stage.
 Names are imported lazily (PEP 562).
 """
 
-import importlib
+from .. import lazy_exports
 
 _EXPORTS = {
     "read_checkpoint": ".containers",
@@ -33,9 +33,4 @@ _EXPORTS = {
     "write_file_atomic": ".atomic",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

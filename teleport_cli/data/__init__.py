@@ -11,7 +11,7 @@
 Names are imported lazily (PEP 562).
 """
 
-import importlib
+from .. import lazy_exports
 
 _EXPORTS = {
     "TensorData": ".tensors",
@@ -24,9 +24,4 @@ _EXPORTS = {
     "load_data_inputs": ".inputs",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

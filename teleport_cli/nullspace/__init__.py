@@ -22,7 +22,7 @@ Named ``nullspace`` rather than ``teleport``: ``teleport_cli.teleport`` is the l
 Names are imported lazily (PEP 562).
 """
 
-import importlib
+from .. import lazy_exports
 
 _EXPORTS = {
     "find_layers": ".selection",
@@ -40,9 +40,4 @@ _EXPORTS = {
     "verify_storage": ".storage_dtype",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
