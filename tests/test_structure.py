@@ -168,6 +168,8 @@ def test_public_surfaces_name_real_objects():
     for name in ["teleport_cli", *(f"teleport_cli.{s}" for s in STAGES if s not in TOP_MODULES | {"cli"})]:
         package = importlib.import_module(name)
         for export, module in package._EXPORTS.items():
+            # a submodule of that name would replace the export once it is imported
+            assert f"{name}.{export}" not in MODULES, f"{name}.{export} is both an export and a module"
             obj = getattr(package, export)
             owner = importlib.import_module(module, name)
             assert obj is getattr(owner, export), f"{name}.{export}"

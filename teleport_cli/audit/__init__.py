@@ -20,7 +20,6 @@ _EXPORTS = {
     "AuditSettings": ".settings",
     "Audit": ".compare",
     "audit_models": ".compare",
-    "report": ".report",
     "render": ".html",
     "inspect_checkpoint": ".survey",
 }
