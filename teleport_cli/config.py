@@ -16,6 +16,9 @@ LOSSES = ("ce", "lm")
 OBJECTIVES = ("grad-norm", "lookahead", "trace")
 METHODS = ("nullspace", "levelset", "symmetry")
 DEVICES = ("auto", "cpu", "cuda")
+# seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer), less one at the
+# top: the guard split is seeded with seed + 1
+SEED_RANGE = (-(2**63), 2**64 - 2)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class TeleportConfig:
             (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
             (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
             (self.probes >= 1, "--probes must be at least 1", None),
+            (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "a 64-bit seed"),
         ]
         for ok, message, hint in checks:
             if not ok:

@@ -18,9 +18,11 @@ code  meaning
 4     verification failed: the loss changed beyond the tolerance (also after
       casting back to the stored float16/bfloat16); nothing written
 5     no teleport step was accepted: nothing to write; nothing written
-6     output refused: the output exists (use --force), is or holds an input,
-      is another container than the input, its folder does not exist or is
-      not writable, or the write failed
+6     output refused: the output exists (use --force) or appeared while the
+      run worked, is or holds an input, is another container than the input,
+      its folder does not exist or is not writable, its name is too long, or
+      the write failed (a full disk: "no space left on device")
+130   interrupted (Ctrl-C): nothing written, no temporary file left
 ====  =====================================================================
 """
 
@@ -33,6 +35,7 @@ EXIT_BAD_INPUT = 3
 EXIT_VERIFICATION_FAILED = 4
 EXIT_NO_STEP = 5
 EXIT_OUTPUT = 6
+EXIT_INTERRUPTED = 130
 
 
 class TeleportError(Exception):

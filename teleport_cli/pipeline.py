@@ -372,7 +372,7 @@ def apply(
         }
     )
     metadata.setdefault("data_config", json.dumps({}))
-    write_checkpoint(ckpt, out, sets, entries, metadata)
+    write_checkpoint(ckpt, out, sets, entries, metadata, force=force)
     result.output = str(out)
     result.seconds = time.perf_counter() - start
     return result

@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..checkpoints.atomic import resolve_output  # noqa: E402
+from ..checkpoints.atomic import resolve_output, writable, write_file_atomic  # noqa: E402
+from ..checkpoints.temps import check_name_length  # noqa: E402
 from ..errors import OutputError  # noqa: E402
 from ..nullspace.bases import EPS64, null_mask  # noqa: E402
 from .compare import Audit  # noqa: E402
@@ -166,12 +166,14 @@ def render(audit: Audit) -> str:
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
 
 
-def check_html_path(path: str | Path, inputs: list, flag: str = "--html") -> Path:
-    """Validate a page path before any work is done; an existing page may be replaced.
+def check_html_path(path: str | Path, inputs: list, flag: str = "--html", *, force: bool = False) -> Path:
+    """Validate a page path before any work is done: like ``-o``, an existing page is
+    replaced only with ``force``.
 
     Raises:
-        OutputError: the path is one of ``inputs`` (also through a link), a folder, does not
-            end in ``.html``/``.htm``, or its folder does not exist.
+        OutputError: the path is one of ``inputs`` (also through a link), exists without
+            ``force``, is a folder, does not end in ``.html``/``.htm``, its folder does not exist
+            or is not writable, or its temporary name would be too long for the file system.
     """
     out = Path(path)
     resolved = resolve_output(out, flag)
@@ -182,33 +184,26 @@ def check_html_path(path: str | Path, inputs: list, flag: str = "--html") -> Pat
         raise OutputError(f"{flag} {path} must end in .html", hint=f"e.g. {flag} report.html")
     if out.is_dir():
         raise OutputError(f"{flag} {path} is a folder", hint="pass a file path ending in .html")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"{flag} {path} already exists", hint="pass --force to replace it, or choose another page name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"folder {parent} of {flag} does not exist", hint=f"create it first: mkdir -p {parent}")
+    if not writable(parent):
+        raise OutputError(f"folder {parent} of {flag} is not writable", hint="choose another page path or fix the permissions")
+    check_name_length(out, flag)
     return out
 
 
-def write_html(path: str | Path, page: str, inputs: list) -> Path:
-    """Check the path (:func:`check_html_path`) and write the page atomically (temporary file
-    beside it, fsync, rename).
+def write_html(path: str | Path, page: str, inputs: list, *, force: bool = False, flag: str = "--html") -> Path:
+    """Check the path (:func:`check_html_path`) and write the page atomically
+    (:func:`teleport_cli.checkpoints.atomic.write_file_atomic`: locked temporary beside it,
+    fsync, published without replacing anything unless ``force``).
 
     Raises:
-        OutputError: a refused path (see :func:`check_html_path`) or a failed write.
+        OutputError: a refused path (see :func:`check_html_path`), a page that appeared
+            meanwhile (without ``force``), or a failed write (a full disk: "no space left").
     """
-    out = check_html_path(path, inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # a page is for reading: not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"could not write {path}: {e.strerror or e}", hint="check free disk space and permissions") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    out = check_html_path(path, inputs, flag, force=force)
+    write_file_atomic(out, lambda tmp: tmp.write_text(page, encoding="utf-8"), force=force)
     return out

@@ -9,13 +9,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..checkpoints.atomic import write_file_atomic  # noqa: E402
 from .resume import smoothed  # noqa: E402
+from .settings import PLOT_FILES as PLOTS  # noqa: E402
 
 
-def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:
+def _save(fig, path: Path, force: bool) -> None:
+    """Write the figure atomically (an existing file is replaced only with ``force``)."""
+    try:
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), force=force)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(doc: dict, out_dir: str | Path, title: str = "", *, force: bool = False) -> list[Path]:
     """Write ``train_loss.png`` and ``holdout_loss.png`` into ``out_dir``; return their paths.
 
     Training curves are the mean over seeds, smoothed with the benchmark's trailing window.
+    Each file is written atomically, over an existing one only with ``force``.
+
+    Raises:
+        OutputError: a file is there (without ``force``) or cannot be written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,9 +45,8 @@ def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     ax.set_title(title or "training loss after teleport")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "train_loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(out / PLOTS[0])
+    _save(fig, paths[-1], force)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, v in doc["variants"].items():
@@ -44,7 +57,6 @@ def plot_curves(doc: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     ax.set_title(title or "held-out loss after teleport")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "holdout_loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(out / PLOTS[1])
+    _save(fig, paths[-1], force)
     return paths

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
 VARIANTS = ("original", "nullspace", "periodic", "random", "levelset", "symmetry")
+RESULT_FILE = "bench.json"
+PLOT_FILES = ("train_loss.png", "holdout_loss.png")  # --out receives these and RESULT_FILE
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,30 @@
 """Output paths: the checks made before any work, and atomic file and folder writes.
 
-Guarantees (also in the README, "Checkpoint formats"):
+Guarantees (also in docs/safety.md):
 
-* A file is written beside its target under a hidden temporary name, flushed with fsync, and
-  renamed over the target (``os.replace``, atomic on POSIX): a reader sees the old file or the
-  complete new one, never a partial one; on any failure the temporary file is removed.
+* A file is written beside its target in a hidden temporary folder
+  (``.NAME.teleport-XXXXXXXX.tmp/NAME``, flocked while written: :mod:`.temps`), flushed with fsync,
+  and only then given its name (:mod:`.publish`): a reader sees the old file or the complete new
+  one, never a partial one; on any failure, also Ctrl-C, the temporary file is removed.
 * A folder is written completely beside its target (hidden temporary folder, every file
   fsynced) and renamed into place. With ``--force`` over an existing folder the old one is
   first renamed aside (``.NAME.old-*``), the new one renamed in, and only then the old one
   removed; if the second rename fails the old folder is renamed back. Between the two renames
   (microseconds) the target name does not exist; a crash exactly there leaves the complete old
   folder at ``.NAME.old-*`` beside it, never a mixed folder.
+* Without ``--force`` nothing is replaced, also not an output that another process created
+  after the start-up check (:mod:`.publish`: ``link``/``unlink``, ``renameat2(RENAME_NOREPLACE)``).
 * An input is never written over: the output may not be an input, a link to one, another
   path to the same file (hard link, ``..``), a folder holding an input, or a path inside an
   input folder.
+* Every failed write is an :class:`~teleport_cli.errors.OutputError` (exit 6): a full disk says
+  "no space left on device", also where safetensors or torch report it in their own types.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -26,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import OutputError
+from .publish import fsync_folder, publish_file, publish_folder
+from .temps import check_name_length, folder_of, locked_temp_folder, remove_stale
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
 
@@ -86,6 +94,7 @@ def check_output(output: str | Path, inputs: list, force: bool, *, is_dir: bool 
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
     if not writable(parent):
         raise OutputError(f"output folder {parent} is not writable", hint="choose another -o or fix the permissions")
+    check_name_length(out)
     return out
 
 
@@ -115,15 +124,38 @@ def writable(folder: Path) -> bool:
 
 def fsync_path(path: Path) -> None:
     """Flush a file or folder to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(path)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL = 1 << 20  # bytes: a writer's own error type on a file system this full is read as ENOSPC
 
 
 def _fail(path: Path, e: OSError) -> OutputError:
+    if e.errno in NO_SPACE:
+        return OutputError(f"could not write {path}: No space left on device",
+                           hint="the disk is full, no space left for the output: free some space or write to another disk; nothing was replaced")
     return OutputError(f"could not write {path}: {e.strerror or e}", hint="check free disk space and permissions")
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes this process may still write in ``folder`` (root may use the reserved blocks)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def as_write_error(e: Exception, path: str | Path) -> OSError:
+    """A writer's own exception (safetensors' ``SafetensorError``, torch's ``RuntimeError``) as an
+    OSError: ``ENOSPC`` when it says so ("os error 28", "No space left") or the file system
+    holds less than 1 MiB, else ``EIO`` with its message."""
+    text = " ".join(str(e).split())
+    free = free_bytes(folder_of(Path(path)))
+    if "os error 28" in text or "No space left" in text or (free is not None and free < NEARLY_FULL):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, text or type(e).__name__, str(path))
 
 
 def _umask() -> int:
@@ -137,43 +169,61 @@ def _default_mode(path: Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
-def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary path beside ``path``, fsync, rename into place.
+def write_file_atomic(path: str | Path, write: Callable[[Path], None], *, force: bool = False) -> None:
+    """Call ``write(tmp)`` for a path in a locked temporary folder beside ``path``, fsync, publish.
+
+    Stale temporaries in the folder (their writer is gone) are removed first. Without ``force``
+    the file is published only if nothing is at ``path`` by then (:func:`.publish.publish_file`).
 
     Raises:
-        OutputError: the write or the rename fails (the temporary file is removed).
+        OutputError: the name is too long, something appeared at ``path`` (without ``force``),
+            or the write, fsync or rename fails (the temporary file is removed).
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
+    parent = folder_of(out)
+    check_name_length(out)
+    remove_stale(parent)
     try:
-        write(Path(tmp))
-        _default_mode(Path(tmp), folder=False)
-        fsync_path(Path(tmp))
-        os.replace(tmp, out)
-        fsync_path(parent)
+        fd, box = locked_temp_folder(out)
+    except OSError as e:
+        raise _fail(out, e) from None
+    tmp = box / out.name
+    try:
+        write(tmp)
+        _default_mode(tmp, folder=False)
+        fsync_path(tmp)
+        publish_file(tmp, out, force)
+        fsync_folder(parent)
     except OSError as e:
         raise _fail(out, e) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            shutil.rmtree(box, ignore_errors=True)
+        finally:
+            os.close(fd)  # releases the lock after the temporary is gone
 
 
 @contextlib.contextmanager
-def staged_folder(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on success move it into place.
+def staged_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield an empty locked temporary folder beside ``path``; on success move it into place.
 
-    Everything written into the yielded folder is fsynced, then the folder replaces ``path``
-    (see the module docstring for the ``--force`` sequence and its guarantee). On any failure
-    the temporary folder is removed and an existing ``path`` is left as it was.
+    Everything written into the yielded folder is fsynced, then the folder takes the name
+    ``path``: with ``force`` it replaces an existing one (see the module docstring for the
+    sequence and its guarantee), without it only if nothing is there. On any failure the
+    temporary folder is removed and an existing ``path`` is left as it was.
 
     Raises:
-        OutputError: a write or rename fails.
+        OutputError: the name is too long, something appeared at ``path`` (without ``force``),
+            or a write or rename fails.
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    parent = folder_of(out)
+    check_name_length(out)
+    remove_stale(parent)
+    try:
+        fd, tmp = locked_temp_folder(out)
+    except OSError as e:
+        raise _fail(out, e) from None
     try:
         yield tmp
         _default_mode(tmp, folder=True)
@@ -181,34 +231,12 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
             _default_mode(p, folder=p.is_dir())
             fsync_path(p)
         fsync_path(tmp)
-        replace_folder(tmp, out)
+        publish_folder(tmp, out, force)
     except OSError as e:
         raise _fail(out, e) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and removed after.
-
-    If renaming ``new`` in fails, the old folder is renamed back before the error propagates.
-    """
-    parent = out.parent if str(out.parent) else Path(".")
-    if not out.exists() and not out.is_symlink():
-        os.rename(new, out)
-        fsync_path(parent)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-    os.rmdir(aside)
-    os.rename(out, aside)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(aside, out)
-        raise
-    fsync_path(parent)
-    if aside.is_symlink():  # -o was a link: the link is replaced, the folder it named is left alone
-        os.unlink(aside)
-    else:
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            os.close(fd)

@@ -14,7 +14,9 @@ bare model's ``state_dict`` keys. The writer always writes the stored names.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,12 +183,69 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_folder(path: str | Path) -> str:
-    """Hex SHA-256 over the relative names and SHA-256s of all files in a folder, sorted."""
+    """Hex SHA-256 over the relative names and SHA-256s of all files in a folder, sorted.
+
+    Raises:
+        InputError: a link or special file that :func:`folder_files` refuses.
+    """
     root = Path(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    for rel in folder_files(root):
+        h.update(str(rel).encode() + b"\0" + sha256_file(root / rel).encode() + b"\n")
     return h.hexdigest()
+
+
+LINK_HINT = ("teleport-cli follows a link only to a regular file inside the checkpoint folder, or inside the "
+             "blobs/ folder of the Hugging Face cache the folder is a snapshot of; copy the file in or remove the link")
+
+
+def _hf_blobs(root: Path) -> Path | None:
+    """``.../models--NAME/blobs`` when ``root`` (resolved) is ``.../models--NAME/snapshots/REV``."""
+    return root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+
+
+def _check_link(path: Path, rel: Path, root: Path, source: str) -> None:
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise InputError(f"checkpoint folder {source}: {rel} is a link to a missing file or a link loop", hint=LINK_HINT) from None
+    blobs = _hf_blobs(root)
+    inside = target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs.resolve()))
+    if not inside:
+        raise InputError(f"checkpoint folder {source}: {rel} is a link to {target}, outside the folder", hint=LINK_HINT)
+    if not stat.S_ISREG(os.stat(target).st_mode):
+        raise InputError(f"checkpoint folder {source}: {rel} is a link to {target}, which is not a regular file", hint=LINK_HINT)
+
+
+def folder_files(folder: str | Path, source: str | None = None) -> list[Path]:
+    """The files of a checkpoint folder (relative paths, sorted), every link checked first.
+
+    A regular file is listed. A symbolic link is listed only when its target is a regular file
+    inside the folder, or inside ``models--NAME/blobs`` when the folder is a Hugging Face cache
+    snapshot ``models--NAME/snapshots/REV`` (whose files are links ``../../blobs/SHA``). Links
+    to folders are not followed.
+
+    Raises:
+        InputError: a link to anything else (outside the folder, a folder, a missing file, a
+            loop), or an entry that is neither a file, a folder nor a link (FIFO, socket, device).
+    """
+    root = Path(folder).resolve()
+    source = str(folder) if source is None else source
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: links to folders are in dirnames
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            p = here / name
+            rel = p.relative_to(root)
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                _check_link(p, rel, root, source)
+                files.append(rel)
+            elif stat.S_ISREG(mode):
+                files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                raise InputError(f"checkpoint folder {source}: {rel} is not a regular file", hint="remove it; a checkpoint folder holds files and folders only")
+    return sorted(files)
 
 
 def one_line(err: BaseException) -> str:

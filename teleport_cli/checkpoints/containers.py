@@ -102,12 +102,17 @@ def write_checkpoint(
     sets: dict[str, dict[str, torch.Tensor]],
     entries: dict,
     metadata: dict[str, str],
+    *,
+    force: bool = False,
 ) -> None:
     """Write ``sets`` (name -> stored key -> tensor) and ``entries`` in ``ckpt``'s container.
 
+    ``force``: replace what is at ``out``; without it nothing is replaced, also not an output
+    another process created meanwhile (:mod:`.publish`).
+
     Raises:
         OutputError (exit 6): a tensor holds NaN or Inf (nothing is written), a key set differs
-            from the input's, or the write fails.
+            from the input's, something is at ``out`` (without ``force``), or the write fails.
     """
     for name, tensors in sets.items():
         bad = nonfinite_keys(tensors)
@@ -115,4 +120,4 @@ def write_checkpoint(
             raise OutputError(f"refusing to write NaN or Inf in {name}: {', '.join(bad[:8])}", hint="this is a bug; please report it")
         if name in ckpt.weights and set(tensors) != set(ckpt.weights[name].tensors):
             raise OutputError(f"refusing to write {name} with other keys than the input's", hint="this is a bug; please report it")
-    READERS[ckpt.container.kind].write(ckpt, Path(out), sets, entries, {k: str(v) for k, v in metadata.items()})
+    READERS[ckpt.container.kind].write(ckpt, Path(out), sets, entries, {k: str(v) for k, v in metadata.items()}, force=force)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputError
 from .atomic import staged_folder
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, sha256_folder
+from .base import Container, LoadedCheckpoint, WeightSet, check_finite, folder_files, sha256_folder
 from .sharded import INDEX, copy_others, read_index, write_shards
 from .single import read_safetensors, write_safetensors
 from .torchfile import _is_state_dict, _rebuild, load_pickle, save_pickle
@@ -50,11 +50,15 @@ def metadata_from_config(config: dict) -> dict[str, str]:
 def read(path: str | Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
     """Read a Hugging Face style folder.
 
+    Links are checked before anything is read (:func:`.base.folder_files`: a Hugging Face cache
+    snapshot, whose files are links into ``../../blobs``, is accepted).
+
     Raises:
-        InputError: unreadable ``config.json``, no weight file, the safetensors and pickle
-            weight files disagree, NaN or Inf in a tensor.
+        InputError: a refused link or special file, unreadable ``config.json``, no weight file,
+            the safetensors and pickle weight files disagree, NaN or Inf in a tensor.
     """
     folder = Path(path)
+    folder_files(folder, str(path))
     try:
         config = json.loads((folder / CONFIG).read_text())
         if not isinstance(config, dict):
@@ -85,12 +89,13 @@ def read(path: str | Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
     return LoadedCheckpoint(str(path), Container(KIND, True, layout), metadata_from_config(config), sha256_folder(folder), {"state_dict": ws})
 
 
-def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str]) -> None:
-    """Write the weight files the input had, copy config.json and the rest, replace atomically."""
+def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str], *, force: bool = False) -> None:
+    """Write the weight files the input had, copy config.json and the rest, publish atomically
+    (over an existing folder only with ``force``)."""
     layout = ckpt.container.layout
     tensors = sets["state_dict"]
     written: set[str] = set()
-    with staged_folder(out) as tmp:
+    with staged_folder(out, force=force) as tmp:
         if "sharded" in layout:
             write_shards(tmp, layout["sharded"], tensors, metadata)
             written |= {layout["sharded"]["index"], *layout["sharded"]["shards"].values()}

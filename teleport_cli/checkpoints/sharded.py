@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from .atomic import staged_folder
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, sha256_folder
+from .base import Container, LoadedCheckpoint, WeightSet, check_finite, folder_files, sha256_folder
 from .single import read_safetensors, write_safetensors
 
 KIND = "sharded"
@@ -78,7 +78,13 @@ def read_index(folder: Path, index_name: str = INDEX) -> tuple[dict[str, torch.T
 
 
 def read(path: str | Path) -> LoadedCheckpoint:
+    """Read a sharded folder (its links checked first: :func:`.base.folder_files`).
+
+    Raises:
+        InputError: a refused link or special file; see :func:`read_index`; NaN or Inf.
+    """
     folder = Path(path)
+    folder_files(folder, str(path))
     tensors, metadata, layout = read_index(folder)
     ws = WeightSet.from_tensors("state_dict", tensors, str(path))
     check_finite(ws, str(path))
@@ -102,17 +108,24 @@ def write_shards(folder: Path, layout: dict, tensors: dict[str, torch.Tensor], m
 
 
 def copy_others(src: Path, dst: Path, written: set[str]) -> None:
-    """Copy every file of ``src`` not in ``written`` (relative names) into ``dst``."""
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if p.is_file() and str(rel) not in written:
+    """Copy every file of ``src`` not in ``written`` (relative names) into ``dst``, as a regular file.
+
+    The files are those :func:`.base.folder_files` lists (checked again here): a link allowed
+    there is copied as the file it names, never as a link.
+
+    Raises:
+        InputError: a link or special file it refuses.
+        OSError: a copy failed.
+    """
+    for rel in folder_files(src):
+        if str(rel) not in written:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dst / rel)
+            shutil.copy2(src / rel, dst / rel)
 
 
-def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str]) -> None:
-    """Write the sharded folder beside ``out`` and move it into place."""
+def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str], *, force: bool = False) -> None:
+    """Write the sharded folder beside ``out`` and move it into place (over an existing one only with ``force``)."""
     layout = ckpt.container.layout
-    with staged_folder(out) as tmp:
+    with staged_folder(out, force=force) as tmp:
         write_shards(tmp, layout, sets["state_dict"], metadata)
         copy_others(Path(ckpt.path), tmp, {layout["index"], *layout["shards"].values()})

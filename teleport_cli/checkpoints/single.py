@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import InputError
-from .atomic import write_file_atomic
+from .atomic import as_write_error, write_file_atomic
 from .base import (
     Container,
     LoadedCheckpoint,
@@ -56,9 +56,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     their logical values, as safetensors requires) and string metadata to ``path``.
 
     Not atomic by itself: callers write to a temporary path (see :mod:`.atomic`).
+
+    Raises:
+        OSError: the write failed (safetensors' own error type turned into ``ENOSPC`` on a full
+            disk, else ``EIO``: :func:`.atomic.as_write_error`).
     """
     flat = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    save_file(flat, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    try:
+        save_file(flat, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    except SafetensorError as e:
+        raise as_write_error(e, path) from None
 
 
 def read(path: str | Path) -> LoadedCheckpoint:
@@ -75,6 +82,6 @@ def read(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(str(path), Container(KIND, False), metadata, sha256_file(path), {"state_dict": ws})
 
 
-def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str]) -> None:
-    """Write the state dict as one safetensors file, atomically."""
-    write_file_atomic(out, lambda tmp: write_safetensors(tmp, sets["state_dict"], metadata))
+def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str], *, force: bool = False) -> None:
+    """Write the state dict as one safetensors file, atomically (over an existing file only with ``force``)."""
+    write_file_atomic(out, lambda tmp: write_safetensors(tmp, sets["state_dict"], metadata), force=force)

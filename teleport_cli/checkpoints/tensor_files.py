@@ -82,13 +82,15 @@ def check_output_path(output: str | Path, inputs: list[str | Path], force: bool)
     return check_output(output, inputs, force)
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (temporary file beside it, fsync, rename).
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], *, force: bool = False) -> None:
+    """Write a safetensors file atomically (temporary file beside it, fsync, rename); an existing
+    file is replaced only with ``force``.
 
     Raises:
-        OutputError: a tensor holds NaN or Inf (nothing is written), or the write fails.
+        OutputError: a tensor holds NaN or Inf (nothing is written), something is at ``path``
+            (without ``force``), or the write fails.
     """
     bad = nonfinite_keys(state_dict)
     if bad:
         raise OutputError(f"refusing to write NaN or Inf in {', '.join(bad)}", hint="this is a bug in the teleport; please report it")
-    write_file_atomic(path, lambda tmp: write_safetensors(tmp, state_dict, metadata))
+    write_file_atomic(path, lambda tmp: write_safetensors(tmp, state_dict, metadata), force=force)

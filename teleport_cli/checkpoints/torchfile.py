@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .atomic import write_file_atomic
+from .atomic import as_write_error, write_file_atomic
 from .base import (
     Container,
     LoadedCheckpoint,
@@ -230,10 +230,19 @@ def build_object(ckpt: LoadedCheckpoint, sets: dict[str, dict[str, torch.Tensor]
 
 
 def save_pickle(obj, path: Path) -> None:
-    torch.save(obj, str(path))
+    """``torch.save`` to ``path``.
+
+    Raises:
+        OSError: the write failed (torch's ``RuntimeError`` from its zip writer turned into
+            ``ENOSPC`` on a full disk, else ``EIO``: :func:`.atomic.as_write_error`).
+    """
+    try:
+        torch.save(obj, str(path))
+    except RuntimeError as e:
+        raise as_write_error(e, path) from None
 
 
-def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str]) -> None:
-    """``torch.save`` the same structure atomically."""
+def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str], *, force: bool = False) -> None:
+    """``torch.save`` the same structure atomically (over an existing file only with ``force``)."""
     obj = build_object(ckpt, sets, entries, metadata)
-    write_file_atomic(out, lambda tmp: save_pickle(obj, tmp))
+    write_file_atomic(out, lambda tmp: save_pickle(obj, tmp), force=force)

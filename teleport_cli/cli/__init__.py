@@ -14,7 +14,7 @@ import click
 from rich.text import Text
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED
 from .common import EXIT_CODES_HELP, stderr_console
 
 
@@ -27,9 +27,9 @@ class OneLineErrors(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            stderr_console().print("aborted")
-            sys.exit(1)
+        except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
+            stderr_console().print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `teleport`: the help, as click shows it
             e.show()
             sys.exit(e.exit_code)
@@ -64,16 +64,29 @@ cli.add_command(bench)
 
 
 def main() -> None:
-    """Console-script entry point: unexpected exceptions (bugs) exit 1 with their traceback."""
+    """Run the command line: Ctrl-C exits 130 with ``interrupted``; unexpected exceptions (bugs)
+    exit 1 with their traceback. Once the command is over, Ctrl-C is ignored: the interpreter's
+    shutdown (torch's atexit hooks) would otherwise print a traceback. (The console script enters
+    through ``teleport_cli.__main__:run``, which also covers a Ctrl-C while this module's imports
+    load.)"""
     try:
         cli()
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        stderr_console().print("interrupted")
-        sys.exit(130)
+        sys.stderr.write("interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
     except Exception:
         import traceback
 
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL)
+    finally:
+        ignore_interrupts()
+
+
+def ignore_interrupts() -> None:
+    """From here on SIGINT does nothing (the result is written or refused; only shutdown is left)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

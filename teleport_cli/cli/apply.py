@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..checkpoints.options import FileOptions
-from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, TeleportConfig
+from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, SEED_RANGE, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from .common import (
     EXIT_CODES_HELP,
@@ -80,12 +80,12 @@ def _layer_table(layers: list[dict]) -> Table:
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples (0: off; none at --tau 1).")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
+@click.option("--seed", type=click.IntRange(*SEED_RANGE), default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")
 @model_options
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded (--seed) random choice of this many calibration samples.")
-@click.option("--force", is_flag=True, help="Replace an existing output file or folder (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing output file or folder, and the --report page (atomically).")
 @weight_options("teleport")
 @click.option("--keep-ema", is_flag=True, help="Leave EMA weights untouched (default: re-seed them with the teleported weights).")
 @click.option("--keep-optimizer-state", is_flag=True, help="Keep the optimizer state (default: drop it, it describes the old weights).")
@@ -112,7 +112,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
                 check_html_path,  # matplotlib: imported only when a page is asked for
             )
 
-            check_html_path(report_out, inputs, flag="--report")
+            check_html_path(report_out, inputs, flag="--report", force=force)
         with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files,
                                model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
@@ -120,7 +120,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         if e.result is not None:
             doc = e.result.to_dict()
             try:
-                doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs)
+                doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs, force)
             except TeleportError as e2:
                 fail(e2)
             _render(doc, as_json, quiet)
@@ -129,20 +129,20 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         fail(e)
     doc = result.to_dict()
     try:
-        doc["report"] = _write_report(report_out, result, data, holdout, config, inputs)
+        doc["report"] = _write_report(report_out, result, data, holdout, config, inputs, force)
     except TeleportError as e:
         fail(e)
     _render(doc, as_json, quiet)
 
 
-def _write_report(path, result, data, holdout, config, inputs) -> str | None:
+def _write_report(path, result, data, holdout, config, inputs, force) -> str | None:
     """The `teleport report` page of this teleport (source vs teleported model), or None without --report."""
     if path is None:
         return None
     from ..audit.html import render, write_html
     from ..audit.report import report_for_apply
 
-    return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
+    return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs, force=force, flag="--report"))
 
 
 def _render(doc: dict, as_json: bool, quiet: bool) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..bench.settings import OPTIMIZERS, VARIANTS, BenchSettings
+from ..bench.settings import OPTIMIZERS, PLOT_FILES, RESULT_FILE, VARIANTS, BenchSettings
 from ..checkpoints.atomic import resolve_output, writable
 from ..config import DEVICES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
@@ -48,18 +48,22 @@ def _table(doc: dict) -> Table:
     return t
 
 
-def _out_folder(out_dir, inputs) -> Path | None:
+def _out_folder(out_dir, inputs, force: bool) -> Path | None:
     """Create ``--out`` before any training (a bad folder fails in one line, not after the runs).
 
     Raises:
-        OutputError: it is a file, a link loop, an input, or cannot be created or written.
+        OutputError: it is a file, a link loop, an input, holds an input, cannot be created or
+            written, or already holds ``bench.json`` or a plot (without ``force``).
     """
     if out_dir is None:
         return None
     out = Path(out_dir)
     resolved = resolve_output(out, "--out")
-    if any(i is not None and resolved == Path(i).resolve() for i in inputs):
-        raise OutputError(f"--out {out_dir} is an input", hint="choose another folder")
+    for i in (Path(p) for p in inputs if p is not None):
+        if resolved == i.resolve():
+            raise OutputError(f"--out {out_dir} is an input", hint="choose another folder")
+        if i.resolve().is_relative_to(resolved):
+            raise OutputError(f"--out {out_dir} holds the input {i}", hint="teleport-cli writes no results beside its inputs; choose another folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out_dir} is a file", hint="pass a folder")
     try:
@@ -68,6 +72,9 @@ def _out_folder(out_dir, inputs) -> Path | None:
         raise OutputError(f"--out {out_dir} cannot be created ({e.strerror or e})", hint="choose a writable folder") from None
     if not writable(out):
         raise OutputError(f"--out {out_dir} is not writable", hint="choose a writable folder")
+    there = [name for name in (RESULT_FILE, *PLOT_FILES) if (out / name).exists() or (out / name).is_symlink()]
+    if there and not force:
+        raise OutputError(f"--out {out_dir} already holds {', '.join(there)}", hint="pass --force to replace them, or choose another folder")
     return out
 
 
@@ -90,12 +97,13 @@ def _out_folder(out_dir, inputs) -> Path | None:
 @click.option("--step-growth", type=float, default=D.step_growth, show_default=True, help="Step-length factor after a first-try acceptance (1 = fixed).")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
+@click.option("--force", is_flag=True, help="Replace bench.json and the plots in --out (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @weight_options("resume training from")
 @model_options
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
-          objective, tau, teleport_steps, step_size, step_growth, device, out_dir, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
+          objective, tau, teleport_steps, step_size, step_growth, device, out_dir, force, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench.resume import run_bench
     from ..data.tensors import load_tensor_data
@@ -114,7 +122,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
                                (lr is None or (math.isfinite(lr) and lr > 0), "--lr", "a finite number > 0")):
             if not ok:
                 raise click.BadParameter(f"must be {need}", param_hint=flag)
-        out = _out_folder(out_dir, [checkpoint, train_path, holdout])
+        out = _out_folder(out_dir, [checkpoint, train_path, holdout], force)
         config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, step_growth=step_growth, objective=objective,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
@@ -130,9 +138,14 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
     doc["weights"] = weights
     if out is not None:
         from ..bench.plots import plot_curves
+        from ..checkpoints.atomic import write_file_atomic
 
-        doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name)]
-        (out / "bench.json").write_text(json.dumps(doc, indent=1))
+        try:
+            doc["plots"] = [str(p) for p in plot_curves(doc, out, title=Path(checkpoint).name, force=force)]
+            body = json.dumps(doc, indent=1)
+            write_file_atomic(out / RESULT_FILE, lambda tmp: tmp.write_text(body), force=force)
+        except TeleportError as e:
+            fail(e)
     if not quiet:
         stderr_console().print(_table(doc))
     if as_json:

@@ -23,8 +23,10 @@ Exit codes:
   4  verification failed (loss changed beyond tolerance, also after casting back to
      float16/bfloat16; nothing written)
   5  no teleport step accepted (nothing written)
-  6  output refused (exists without --force, is or holds an input, another container,
-     folder missing or not writable, write failed)
+  6  output refused (exists without --force or appeared meanwhile, is or holds an input,
+     another container, folder missing or not writable, name too long, write failed,
+     no space left on device)
+130  interrupted (Ctrl-C; nothing written)
 """
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..audit.settings import AuditSettings
-from ..config import DEVICES
+from ..config import DEVICES, SEED_RANGE
 from ..errors import EXIT_VERIFICATION_FAILED, TeleportError
 from .common import EXIT_CODES_HELP, fail, model_options, stderr_console, weight_options
 
@@ -101,16 +101,17 @@ def render(doc: dict) -> None:
 @click.option("--iterations", type=int, default=D.iterations, show_default=True, help="Lanczos steps at most (top eigenvalue).")
 @click.option("--probes", type=int, default=D.probes, show_default=True, help="Hutchinson probes (trace).")
 @click.option("--spectrum-layer", "spectrum_layers", multiple=True, help="Layer whose Gram spectrum is plotted (repeatable; default first, middle, last).")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the Lanczos start and the probes.")
+@click.option("--seed", type=click.IntRange(*SEED_RANGE), default=D.seed, show_default=True, help="Seed of the Lanczos start and the probes.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Samples per forward pass.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto takes a GPU when present.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, help="Write a self-contained HTML page with plots.")
+@click.option("--force", is_flag=True, help="Replace an existing --html page (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No tables on stderr.")
 @weight_options("audit (the same set of A and B)")
 @model_options
 def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau, radius, iterations, probes, spectrum_layers,
-           seed, batch_size, device, html_out, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
+           seed, batch_size, device, html_out, force, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Audit checkpoint A, or checkpoint B against A: losses, logits, layer drift, curvature.
 
     With B, exits 4 when B's loss drifts from A's beyond --tolerance (calibration) or
@@ -126,11 +127,11 @@ def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau,
                                  spectrum_layers=tuple(spectrum_layers))
         inputs = [a, b, data, holdout]
         if html_out is not None:
-            check_html_path(html_out, inputs)
+            check_html_path(html_out, inputs, force=force)
         audit = run_report(a, b, data, holdout, settings, device=device, weights=weights, trust_pickle=trust_pickle,
                            model_spec=model_spec, model_kwargs=model_kwargs)
         if html_out is not None:
-            audit.doc["html"] = str(write_html(html_out, render_html(audit), inputs))
+            audit.doc["html"] = str(write_html(html_out, render_html(audit), inputs, force=force))
     except TeleportError as e:
         fail(e)
     doc = audit.doc

@@ -16,6 +16,7 @@ channel count must match the model's first convolution.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,7 +124,9 @@ def load_image_folder(root: str | Path, data_config: dict | None, model: nn.Modu
 
     Raises:
         InputError: see :func:`resolve_image_config` and :func:`scan_image_folder`; an
-            unreadable image.
+            unreadable image; a decompression bomb (more pixels than PIL's
+            ``Image.MAX_IMAGE_PIXELS``, about 89 million: its ``DecompressionBombWarning`` is an
+            error here, like the ``DecompressionBombError`` beyond twice that).
     """
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
@@ -138,8 +141,13 @@ def load_image_folder(root: str | Path, data_config: dict | None, model: nn.Modu
     xs = []
     for path, _ in samples:
         try:
-            with Image.open(path) as img:
-                xs.append(transform(img.convert(mode)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    xs.append(transform(img.convert(mode)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(f"{what} image {path} is a decompression bomb ({e})",
+                             hint=f"calibration images need at most {Image.MAX_IMAGE_PIXELS} pixels; remove or shrink the file") from None
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"{what} image {path} cannot be read ({e})", hint="remove or replace the file") from None
     targets = torch.tensor([label for _, label in samples], dtype=torch.int64)

@@ -1,7 +1,8 @@
 """Calibration and held-out sets: tensor files, seeded splits, and batching.
 
 A tensor file is a safetensors file with two tensors: ``inputs`` (``N x ...``, float, already
-preprocessed the way the model expects) and ``targets`` (``N``, integer class indices).
+preprocessed the way the model expects) and ``targets`` (``N``, integer class indices; a column
+``N x 1``, as label arrays often are stored, is read as ``N``).
 Image folders and token files: :mod:`teleport_cli.data.images`, :mod:`teleport_cli.data.tokens`;
 which one a path is: :mod:`teleport_cli.data.sources`.
 """
@@ -84,6 +85,8 @@ def as_tensor_data(data, source: str = "<memory>") -> TensorData:
 def load_tensor_data(path: str | Path, *, what: str = "data") -> TensorData:
     """Read a safetensors file with ``inputs`` and ``targets``.
 
+    ``targets`` of shape ``N x 1`` are squeezed to ``N``.
+
     Raises:
         InputError: missing/unreadable file, missing tensors, no samples, non-finite inputs,
             non-integer targets.
@@ -113,6 +116,8 @@ def tensor_data_from(tensors: dict[str, torch.Tensor], path: str | Path, *, what
         raise InputError(f"{what} file {path} has NaN or Inf in 'inputs' ({bad} samples)", hint="clean or drop those samples")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise InputError(f"{what} file {path}: 'targets' must hold integer class indices, not {targets.dtype}")
+    if targets.ndim == 2 and targets.shape[1] == 1:  # a column of labels: one class index per sample
+        targets = targets[:, 0]
     return TensorData(inputs.float(), targets.long(), str(path))
 
 

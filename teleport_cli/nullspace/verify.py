@@ -50,12 +50,21 @@ def check_targets(model: nn.Module, data, source: str) -> None:
     (PyTorch's cross-entropy would raise for other values, or silently skip -100.)
 
     Raises:
-        InputError: a target outside ``[0, C)``, naming how many and the first one.
+        InputError: targets whose shape is not ``N`` followed by the logits' middle dimensions
+            (``N`` for ``N x C`` logits, ``N x T`` for ``N x T x C``), or a target outside
+            ``[0, C)``, naming how many and the first one.
     """
     x = data.inputs[:1].to(next(model.parameters()).device)
     with torch.no_grad():
-        classes = int(forward_checked(model, x, source).shape[-1])
+        logits = forward_checked(model, x, source)
+    classes = int(logits.shape[-1])
     y = data.targets
+    if tuple(y.shape[1:]) != tuple(logits.shape[1:-1]):
+        want = " x ".join(["N", *map(str, logits.shape[1:-1])])
+        raise InputError(
+            f"{source}: targets have shape {tuple(y.shape)}, but the model's logits {tuple(logits.shape)} need targets of shape {want}",
+            hint="store one class index per sample (per position for a language model)",
+        )
     bad = (y < 0) | (y >= classes)
     if bool(bad.any()):
         first = int(y[bad].reshape(-1)[0])

@@ -204,7 +204,7 @@ def test_failed_folder_swap_restores_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "rename", flaky)
     with pytest.raises(OutputError, match="No space left"):
-        with atomic.staged_folder(out) as tmp:
+        with atomic.staged_folder(out, force=True) as tmp:  # the --force sequence
             (tmp / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["keep"] and (out / "keep").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -246,7 +246,7 @@ def test_force_over_a_link_replaces_the_link_and_leaves_its_target(tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "x").write_text("keep")
     (tmp_path / "link").symlink_to(tmp_path / "target", target_is_directory=True)
-    with atomic.staged_folder(tmp_path / "link") as tmp:
+    with atomic.staged_folder(tmp_path / "link", force=True) as tmp:
         (tmp / "new").write_text("new")
     assert not (tmp_path / "link").is_symlink() and os.listdir(tmp_path / "link") == ["new"]
     assert os.listdir(tmp_path / "target") == ["x"] and sorted(os.listdir(tmp_path)) == ["link", "target"]
