@@ -16,6 +16,7 @@ LOSSES = ("ce", "lm")
 OBJECTIVES = ("grad-norm", "lookahead", "trace")
 METHODS = ("nullspace", "levelset", "symmetry")
 DEVICES = ("auto", "cpu", "cuda")
+HVP_MODES = ("auto", "forward", "central", "exact")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class TeleportConfig:
             stability). With it the result is also checked against the SGD stability edge
             ``2 (1 + momentum) / lr``.
         momentum: heavy-ball momentum training resumes with (for the stability edge).
+        hvp: how the grad-norm and look-ahead objectives (and the look-ahead's ``1 / lambda_max``)
+            take Hessian-vector products: ``forward`` (finite differences of gradients, one
+            extra gradient pass), ``central`` (two), ``exact`` (double backward), or ``auto``
+            (forward where the products at eps and eps/4 agree to 1e-2 on the first step, else
+            exact; see :mod:`teleport_cli.nullspace.hvp` and docs/hvp.md).
     """
 
     tau: float = 0.99
@@ -92,6 +98,7 @@ class TeleportConfig:
     momentum: float = 0.0
     lookahead_steps: int = 1
     probes: int = 4
+    hvp: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,6 +123,7 @@ class TeleportConfig:
             (0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)", None),
             (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
             (self.probes >= 1, "--probes must be at least 1", None),
+            (self.hvp in HVP_MODES, f"--hvp must be one of {', '.join(HVP_MODES)}", None),
         ]
         for ok, message, hint in checks:
             if not ok:
