@@ -19,6 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer), less one at the
 # top: the guard split is seeded with seed + 1
 SEED_RANGE = (-(2**63), 2**64 - 2)
+HVP_MODES = ("auto", "forward", "central", "exact")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ class TeleportConfig:
             stability). With it the result is also checked against the SGD stability edge
             ``2 (1 + momentum) / lr``.
         momentum: heavy-ball momentum training resumes with (for the stability edge).
+        hvp: how the grad-norm and look-ahead objectives (and the look-ahead's ``1 / lambda_max``)
+            take Hessian-vector products: ``forward`` (finite differences of gradients, one
+            extra gradient pass), ``central`` (two), ``exact`` (double backward), or ``auto``
+            (forward where the products at eps and eps/4 agree to 1e-2 on the first step, else
+            exact; see :mod:`teleport_cli.nullspace.hvp` and docs/hvp.md).
     """
 
     tau: float = 0.99
@@ -95,6 +101,7 @@ class TeleportConfig:
     momentum: float = 0.0
     lookahead_steps: int = 1
     probes: int = 4
+    hvp: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -120,6 +127,7 @@ class TeleportConfig:
             (self.lookahead_steps >= 1, "--lookahead-steps must be at least 1", None),
             (self.probes >= 1, "--probes must be at least 1", None),
             (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "a 64-bit seed"),
+            (self.hvp in HVP_MODES, f"--hvp must be one of {', '.join(HVP_MODES)}", None),
         ]
         for ok, message, hint in checks:
             if not ok:

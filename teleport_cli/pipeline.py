@@ -32,6 +32,7 @@ from .nullspace.ascent import ascend, relative_changes
 from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
 from .nullspace.derivatives import full_gradient
+from .nullspace.hvp import HessianVectorProduct
 from .nullspace.losses import LOSS_FUNCTIONS
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
@@ -162,13 +163,18 @@ def teleport(
                 move = levelset_teleport
             stats = move(moved, cal_batches, config, loss_fn, noise_floor=floor, on_step=stepped)
         else:
+            lanczos = None
             if config.objective == "lookahead" and lookahead_lr is None:
                 from .audit.geometry import top_eigenvalue
 
-                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed)), 1e-12)
-            objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes, seed=config.seed)
+                lanczos = HessianVectorProduct(config.hvp)
+                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed, hvp=lanczos)), 1e-12)
+            objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes,
+                                       seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
                            on_step=stepped, guard=guard, guard_tolerance=config.tolerance)
+            if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
+                stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
         if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
             params0 = [p for p in model.parameters() if p.requires_grad]
             params1 = [p for p in moved.parameters() if p.requires_grad]
@@ -253,6 +259,7 @@ class ApplyResult:
             "objective_before": o.stats.objective_before,
             "objective_after": o.stats.objective_after,
             "lookahead_lr": o.lookahead_lr,
+            "hvp": o.stats.hvp,
             "guard_samples": o.guard_samples,
             "noise_floor": v.noise_floor,
             "stability": o.stability,

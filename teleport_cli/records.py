@@ -82,6 +82,9 @@ class TeleportStats:
         steps_accepted: number of accepted steps; ``steps_rejected`` counts halvings.
         stop_reason: ``steps``, ``target_ratio``, ``backtracking`` or ``no_freedom``.
         seconds: wall-clock time of the loop in seconds.
+        hvp: how the Hessian-vector products were taken (mode requested and used, the
+            finite-difference step, the measured disagreement; see teleport_cli.nullspace.hvp),
+            or None where the objective takes none.
     """
 
     loss_before: float
@@ -96,6 +99,7 @@ class TeleportStats:
     objective: str = "grad-norm"
     objective_before: float | None = None
     objective_after: float | None = None
+    hvp: dict | None = None
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -115,6 +119,7 @@ class TeleportStats:
             "objective_before": _finite(self.objective_before),
             "objective_after": _finite(self.objective_after),
             "seconds": self.seconds,
+            "hvp": self.hvp,
             "history": [h.to_dict() for h in self.history],
         }
 

@@ -37,6 +37,7 @@ from ..nullspace.derivatives import (
     full_gradient,
     hessian_vector_product,
 )
+from ..nullspace.hvp import HessianVectorProduct, full_precision_matmul, missing_double_backward
 from ..nullspace.verify import evaluate_loss
 from ..records import _finite
 
@@ -44,6 +45,7 @@ from ..records import _finite
 # is at most this many numbers (512 MiB in float32); above it runs the three-term recurrence
 # alone, which still finds the extreme eigenvalue (at worst with spurious repeated copies).
 REORTH_BUDGET = 1 << 27
+FALLBACK = "central differences (no double backward)"
 
 Vec = list[torch.Tensor]
 
@@ -62,6 +64,8 @@ class Geometry:
         trace: Hutchinson estimate of ``trace(H)``; ``trace_stderr`` its standard error
             (``None`` with a single probe); ``trace_probes`` the number of probes.
         sharpness: ``L(theta + rho g/||g||) - L(theta)`` at ``sharpness_radius`` = rho.
+        hvp: ``exact`` (double backward), or the labelled fallback ``central differences (no
+            double backward)`` for models with an op torch cannot differentiate twice.
     """
 
     loss: float
@@ -75,6 +79,7 @@ class Geometry:
     trace_probes: int
     sharpness: float
     sharpness_radius: float
+    hvp: str = "exact"
 
     def to_dict(self) -> dict:
         return {k: _finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
@@ -219,26 +224,46 @@ def measure(
     n = count_samples(batches)
     state = full_gradient(model, batches, loss_fn, params, n)
 
+    used = ["exact"]
+    fallback = HessianVectorProduct("central")
+
     def hvp(v: Vec) -> Vec:
-        return hessian_vector_product(model, batches, loss_fn, params, v, params, n)
+        if used[0] == "exact":
+            try:
+                return hessian_vector_product(model, batches, loss_fn, params, v, params, n)
+            except RuntimeError as e:  # e.g. hardsigmoid: no double backward in torch
+                if not missing_double_backward(e):
+                    raise
+                used[0] = FALLBACK
+        return fallback(model, batches, loss_fn, params, v, params, n)
 
     gen = torch.Generator().manual_seed(seed)
     start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
-    top, residual, used = lanczos_top(hvp, start, iterations=iterations, rtol=rtol)
+    top, residual, iters = lanczos_top(hvp, start, iterations=iterations, rtol=rtol)
     trace, stderr = hutchinson_trace(hvp, params, probes, gen)
     sharp = sam_sharpness(model, batches, loss_fn, params, state.grads, radius)
     return Geometry(
-        state.loss, state.grad_norm, sum(p.numel() for p in params), top, residual, used, trace, stderr, probes, sharp, radius
+        state.loss, state.grad_norm, sum(p.numel() for p in params), top, residual, iters, trace, stderr, probes, sharp, radius, used[0]
     )
 
 
-def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, iterations: int = 20, seed: int = 0) -> float:
-    """Largest Hessian eigenvalue of the loss over all ``batches`` (Lanczos on HVPs, all trainable parameters)."""
+def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, iterations: int = 20, seed: int = 0,
+                   hvp: HessianVectorProduct | None = None) -> float:
+    """Largest Hessian eigenvalue of the loss over all ``batches`` (Lanczos on HVPs, all trainable parameters).
+
+    ``hvp``: how the products are taken (:class:`~teleport_cli.nullspace.hvp.HessianVectorProduct`;
+    a forward difference reuses one gradient at the model's point); default: double backward.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     n = count_samples(batches)
     gen = torch.Generator().manual_seed(seed)
     start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
-    top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start, iterations=iterations)
+    if hvp is None:
+        top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start, iterations=iterations)
+        return top
+    with full_precision_matmul():
+        grads = full_gradient(model, batches, loss_fn, params, n).grads
+    top, _, _ = lanczos_top(lambda v: hvp(model, batches, loss_fn, params, v, params, n, grads=grads), start, iterations=iterations)
     return top
 
 

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from ..checkpoints.options import FileOptions
-from ..config import DEVICES, LOSSES, METHODS, OBJECTIVES, SEED_RANGE, TeleportConfig
+from ..config import DEVICES, HVP_MODES, LOSSES, METHODS, OBJECTIVES, SEED_RANGE, TeleportConfig
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from .common import (
     EXIT_CODES_HELP,
@@ -76,6 +76,9 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="Heavy-ball momentum training resumes with (stability edge 2(1+momentum)/lr).")
 @click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
 @click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")
+@click.option("--hvp", type=click.Choice(HVP_MODES), default=D.hvp, show_default=True,
+              help="Hessian-vector products of grad-norm/lookahead: forward or central finite differences of gradients, exact double backward, "
+                   "or auto (forward where eps and eps/4 agree to 1e-2 on the first step, else exact; docs/hvp.md).")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples (0: off; none at --tau 1).")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
@@ -93,7 +96,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
-          method, objective, lr, momentum, lookahead_steps, probes, guard_fraction, tangent, batch_size, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, tangent, batch_size, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
@@ -101,7 +104,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp,
             guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size,
             seed=seed, device=device, loss=loss or D.loss,
         )

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..bench.settings import OPTIMIZERS, PLOT_FILES, RESULT_FILE, VARIANTS, BenchSettings
 from ..checkpoints.atomic import resolve_output, writable
-from ..config import DEVICES, OBJECTIVES, TeleportConfig
+from ..config import DEVICES, HVP_MODES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError
 from .common import (
     EXIT_CODES_HELP,
@@ -96,6 +96,8 @@ def _out_folder(out_dir, inputs, force: bool) -> Path | None:
 @click.option("--step-size", type=float, default=D.step_size, show_default=True, help="First step length of each teleport.")
 @click.option("--step-growth", type=float, default=D.step_growth, show_default=True, help="Step-length factor after a first-try acceptance (1 = fixed).")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
+@click.option("--hvp", type=click.Choice(HVP_MODES), default=D.hvp, show_default=True,
+              help="Hessian-vector products of the teleport (as in apply; docs/hvp.md).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
 @click.option("--force", is_flag=True, help="Replace bench.json and the plots in --out (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -103,7 +105,7 @@ def _out_folder(out_dir, inputs, force: bool) -> Path | None:
 @weight_options("resume training from")
 @model_options
 def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, variants, period, calibration_samples,
-          objective, tau, teleport_steps, step_size, step_growth, device, out_dir, force, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
+          objective, tau, teleport_steps, step_size, step_growth, device, hvp, out_dir, force, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench.resume import run_bench
     from ..data.tensors import load_tensor_data
@@ -123,7 +125,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
             if not ok:
                 raise click.BadParameter(f"must be {need}", param_hint=flag)
         out = _out_folder(out_dir, [checkpoint, train_path, holdout], force)
-        config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, step_growth=step_growth, objective=objective,
+        config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, step_growth=step_growth, objective=objective, hvp=hvp,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
         model = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)[0]

@@ -19,6 +19,8 @@ progress through a callback and never prints.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from typing import Callable
 
@@ -29,6 +31,7 @@ from ..config import TeleportConfig
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
 from .derivatives import Batches, GradientState, full_gradient
+from .hvp import full_precision_matmul
 from .layers import LayerSpec, layer_weight, weight_blocks
 from .linesearch import StepLog, backtrack, drift_ok
 from .objectives import GradNormObjective
@@ -111,12 +114,25 @@ def ascend(
         :class:`~teleport_cli.records.TeleportStats`.
     """
     start = time.perf_counter()
-    objective = objective or GradNormObjective()
+    objective = objective or GradNormObjective(config.hvp)
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
     wrt = [layer_weight(spec, module) for spec, module in moving]
     n = sum(int(x.shape[0]) for x, _ in batches)
+    hvp = getattr(objective, "hvp", None)
+    if hvp is None:
+        return _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n)
+    spec_of = {id(w): spec for (spec, _), w in zip(moving, wrt)}
+    # auto compares what the step uses: the products projected onto the null spaces
+    hvp.check = lambda ws, hv: [_project(spec_of[id(w)], bases, h) for w, h in zip(ws, hv) if id(w) in spec_of]
+    # finite differences: both gradients of a difference in full fp32 (no TF32 on CUDA)
+    with full_precision_matmul() if hvp.requested != "exact" else contextlib.nullcontext():
+        stats = _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n)
+    return dataclasses.replace(stats, hvp=hvp.to_dict())
 
+
+def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n) -> TeleportStats:
+    """The loop of :func:`ascend` (arguments as there)."""
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
     guard0 = _mean_loss(model, guard, loss_fn) if guard is not None else 0.0

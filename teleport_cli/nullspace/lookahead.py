@@ -7,7 +7,8 @@ norm and penalises curvature along g at once.
 
 Its gradient is backpropagated through the virtual steps:
 ``v_k = grad L(theta_k)``, then ``v_i = v_{i+1} - lr * H(theta_i) v_{i+1}`` for i = k-1 .. 0,
-each ``H v`` a streaming Hessian-vector product over the whole calibration set. Cost per
+each ``H v`` a streaming Hessian-vector product over the whole calibration set
+(:mod:`teleport_cli.nullspace.hvp`; a forward difference reuses the gradient at theta_i). Cost per
 evaluation: k + 1 gradient passes and k Hessian-vector products.
 """
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .derivatives import GradientState, full_gradient, hessian_vector_product
+from .derivatives import GradientState, full_gradient
+from .hvp import HessianVectorProduct
 
 
 class LookaheadObjective:
@@ -24,9 +26,10 @@ class LookaheadObjective:
     name = "lookahead"
     sign = -1.0
 
-    def __init__(self, lr: float, steps: int = 1) -> None:
+    def __init__(self, lr: float, steps: int = 1, hvp: str | HessianVectorProduct = "exact") -> None:
         self.lr = float(lr)
         self.steps = int(steps)
+        self.hvp = hvp if isinstance(hvp, HessianVectorProduct) else HessianVectorProduct(hvp)
         self._cache: tuple[GradientState, list[GradientState]] | None = None
 
     def _trajectory(self, model, batches, loss_fn, params, state: GradientState, n: int) -> list[GradientState]:
@@ -59,10 +62,13 @@ class LookaheadObjective:
         v = [g.clone() for g in states[-1].grads]
         try:
             for i in reversed(range(self.steps)):
-                with torch.no_grad():  # move to theta_i = theta_0 - lr * sum_{j<i} g_j
-                    for j, p in enumerate(params):
-                        p.copy_(origin[j] - self.lr * sum(states[t].grads[j] for t in range(i)) if i else origin[j])
-                hv = hessian_vector_product(model, batches, loss_fn, params, v, params, n)
+                with torch.no_grad():  # move to theta_i = theta_0 - lr * sum_{j<i} g_j, by the same
+                    for p, o in zip(params, origin):  # float operations as the trajectory took
+                        p.copy_(o)
+                    for t in range(i):
+                        for p, g in zip(params, states[t].grads):
+                            p.sub_(self.lr * g)
+                hv = self.hvp(model, batches, loss_fn, params, v, params, n, grads=states[i].grads)
                 v = [a - self.lr * b for a, b in zip(v, hv)]
         finally:
             with torch.no_grad():
