@@ -162,14 +162,24 @@ def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
 
 
+def nan_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN."""
+    return [k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and bool(torch.isnan(t).any())]
+
+
 def check_finite(ws: WeightSet, source: str) -> None:
-    """Raises InputError when a tensor of the set holds NaN or Inf (listing them)."""
-    bad = nonfinite_keys(ws.tensors)
+    """Raises InputError when a tensor of the set holds NaN (listing them).
+
+    ±Inf is not refused here: a buffer may hold it (a causal mask ``triu(full(-inf), 1)``).
+    Which keys are parameters is known once the model is built; then
+    :func:`teleport_cli.models.loading.load_weights` refuses Inf in parameters.
+    """
+    bad = nan_keys(ws.tensors)
     if bad:
         more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
         raise InputError(
-            f"{source}: {ws.name} has NaN or Inf in {', '.join(bad[:8])}{more}",
-            hint="a checkpoint with non-finite weights cannot be teleported; use an earlier one",
+            f"{source}: {ws.name} has NaN in {', '.join(bad[:8])}{more}",
+            hint="a checkpoint with NaN weights or buffers cannot be teleported; use an earlier one",
         )
 
 

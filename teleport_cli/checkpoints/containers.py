@@ -111,11 +111,14 @@ def write_checkpoint(
     another process created meanwhile (:mod:`.publish`).
 
     Raises:
-        OutputError (exit 6): a tensor holds NaN or Inf (nothing is written), a key set differs
-            from the input's, something is at ``out`` (without ``force``), or the write fails.
+        OutputError (exit 6): a tensor the teleport produced holds NaN or Inf (nothing is
+            written; tensors written as read may hold ±Inf), a key set differs from the
+            input's, something is at ``out`` (without ``force``), or the write fails.
     """
     for name, tensors in sets.items():
-        bad = nonfinite_keys(tensors)
+        given = ckpt.weights[name].tensors if name in ckpt.weights else {}
+        # a tensor written as read (a buffer holding -inf, e.g. a causal mask) passed the reader's checks
+        bad = [k for k in nonfinite_keys(tensors) if tensors[k] is not given.get(k)]
         if bad:
             raise OutputError(f"refusing to write NaN or Inf in {name}: {', '.join(bad[:8])}", hint="this is a bug; please report it")
         if name in ckpt.weights and set(tensors) != set(ckpt.weights[name].tensors):

@@ -161,6 +161,13 @@ def moved_stored(p: Plan, sets: dict, moved: set[str]) -> dict[str, torch.Tensor
     return {kmap[k]: t for k, t in sets[p.source].items() if kmap[k] in moved}
 
 
+def stored_dtypes(p: Plan) -> dict[str, torch.dtype]:
+    """Model key -> stored dtype of the weights to teleport, for the half-precision ones
+    (float16, bfloat16): the teleport checks each step after rounding to it."""
+    kmap = p.key_maps[p.source]
+    return {kmap[k]: t.dtype for k, t in p.ckpt.weights[p.source].tensors.items() if t.dtype in (torch.float16, torch.bfloat16)}
+
+
 def moved_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
     """State-dict keys whose values differ between the original and the teleported model.
 

@@ -67,8 +67,24 @@ def load_weights(ckpt, files, *, like: dict | None = None, model_spec: str | Non
         choice = choose_model(ckpt.metadata if like is None else like, ckpt.path, model_spec, model_kwargs)
     else:
         choice = ModelChoice(module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs"), "module")
-    load_strict(choice.model, model_state(chosen, choice.model), ckpt.path)
+    state = model_state(chosen, choice.model)
+    check_parameters_finite(choice.model, state, ckpt.path)
+    load_strict(choice.model, state, ckpt.path)
     return choice, chosen
+
+
+def check_parameters_finite(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or Inf in the state dict's parameters; buffers may hold ±Inf (causal masks).
+
+    Raises:
+        InputError: a parameter of ``model`` holds NaN or Inf in ``state`` (the keys are named).
+    """
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    bad = [k for k, t in state.items() if k in params and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise InputError(f"{source}: NaN or Inf in {', '.join(sorted(bad)[:8])}{more} (parameters must be finite)",
+                         hint="a checkpoint with non-finite weights cannot be teleported; use an earlier one")
 
 
 def load_model(path, *, weights: str = "state_dict", trust_pickle: bool = False, like: dict | None = None,
