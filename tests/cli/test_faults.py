@@ -12,7 +12,6 @@ import sys
 import textwrap
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 from _ckpt import CAL, HOLD, MID, SAMPLES
