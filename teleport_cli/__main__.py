@@ -4,6 +4,7 @@ Ctrl-C at any moment, also while the command line's own imports load, ends in on
 ``interrupted`` and exit code 130, never a traceback.
 """
 
+import os
 import signal
 import sys
 
@@ -11,17 +12,17 @@ EXIT_INTERRUPTED = 130
 
 
 def run() -> None:
-    """Import the command line and run it; a KeyboardInterrupt while importing exits 130 too.
-    Once it is over, SIGINT is ignored for the interpreter's shutdown."""
+    """Import the command line and run it (:func:`teleport_cli.cli.main`); a KeyboardInterrupt
+    while importing exits 130 too."""
     try:
         from .cli import main
 
-        main()
+        main()  # handles Ctrl-C itself from its first line on
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED
+from . import interrupts
 from .common import EXIT_CODES_HELP, stderr_console
 
 
@@ -28,7 +29,7 @@ class OneLineErrors(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C inside a command into Abort
-            stderr_console().print("interrupted")
+            sys.stderr.write("interrupted\n")
             sys.exit(EXIT_INTERRUPTED)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `teleport`: the help, as click shows it
             e.show()
@@ -64,29 +65,27 @@ cli.add_command(bench)
 
 
 def main() -> None:
-    """Run the command line: Ctrl-C exits 130 with ``interrupted``; unexpected exceptions (bugs)
-    exit 1 with their traceback. Once the command is over, Ctrl-C is ignored: the interpreter's
-    shutdown (torch's atexit hooks) would otherwise print a traceback. (The console script enters
-    through ``teleport_cli.__main__:run``, which also covers a Ctrl-C while this module's imports
-    load.)"""
+    """Run the command line as a process: Ctrl-C at any moment exits 130 with ``interrupted``;
+    unexpected exceptions (bugs) exit 1 with their traceback. Once the command is over, Ctrl-C
+    is ignored, so that the interpreter's shutdown prints no traceback. (The console script
+    enters through ``teleport_cli.__main__:run``, which also covers a Ctrl-C while this
+    module's imports load.)"""
+    interrupts.install()
     try:
         cli()
-    except SystemExit:
+    except SystemExit as e:
+        interrupts.stop()
+        if e.code == EXIT_INTERRUPTED:
+            interrupts.exit_interrupted(message=False)  # OneLineErrors printed it
         raise
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        interrupts.exit_interrupted()
     except Exception:
+        if interrupts.seen():  # the failure of a library that swallowed the interrupt
+            interrupts.exit_interrupted()
         import traceback
 
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL)
     finally:
-        ignore_interrupts()
-
-
-def ignore_interrupts() -> None:
-    """From here on SIGINT does nothing (the result is written or refused; only shutdown is left)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupts.stop()

@@ -58,7 +58,12 @@ def progress_events(enabled: bool):
 
 
 def fail(err: TeleportError) -> None:
-    """Print the error's one line on stderr and exit with its code."""
+    """Print the error's one line on stderr and exit with its code; after a Ctrl-C that a
+    library swallowed (the error is its consequence), ``interrupted`` and 130 instead."""
+    from . import interrupts
+
+    if interrupts.seen():
+        interrupts.exit_interrupted()
     stderr_console().print(Text.assemble(("error: ", "bold red"), err.one_line()), soft_wrap=True)
     sys.exit(err.exit_code)
 
