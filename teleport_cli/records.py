@@ -82,6 +82,8 @@ class TeleportStats:
         steps_accepted: number of accepted steps; ``steps_rejected`` counts halvings.
         stop_reason: ``steps``, ``target_ratio``, ``backtracking`` or ``no_freedom``.
         seconds: wall-clock time of the loop in seconds.
+        step_backs: accepted steps undone at the end because the guard did not trust the
+            points they reached (docs/guard.md); ``steps_accepted`` counts the steps kept.
     """
 
     loss_before: float
@@ -96,6 +98,7 @@ class TeleportStats:
     objective: str = "grad-norm"
     objective_before: float | None = None
     objective_after: float | None = None
+    step_backs: int = 0
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -110,6 +113,7 @@ class TeleportStats:
             "grad_norm_ratio": _finite(self.grad_norm_ratio),
             "steps_accepted": self.steps_accepted,
             "steps_rejected": self.steps_rejected,
+            "step_backs": self.step_backs,
             "stop_reason": self.stop_reason,
             "objective": self.objective,
             "objective_before": _finite(self.objective_before),

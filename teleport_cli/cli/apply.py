@@ -77,7 +77,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--lookahead-steps", type=int, default=D.lookahead_steps, show_default=True, help="Virtual SGD steps of the lookahead objective.")
 @click.option("--probes", type=int, default=D.probes, show_default=True, help="Rademacher probes of the trace objective.")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
-              help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples (0: off; none at --tau 1).")
+              help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for the held-out split.")
