@@ -241,7 +241,7 @@ class ApplyResult:
             }
 
         return {
-            "verified": v.passed,
+            "verified": v.passed and self.output is not None,  # exit 4 or 5: nothing written, nothing verified
             "output": self.output,
             "source": self.source,
             "arch": self.arch,

@@ -260,3 +260,12 @@ def test_safetensors_named_pt_is_recognised_and_outputs_follow_the_umask(files, 
 def test_bad_model_kwargs_json_is_a_usage_error(files):
     r = run(*_args(files, files / "o.safetensors", "--model-kwargs", "{in_features: 64"))
     assert r.exit_code == 2 and "--model-kwargs is not valid JSON" in r.stderr
+
+
+def test_no_accepted_step_says_not_verified(files):
+    """Exit 5 wrote nothing: the JSON must not say verified."""
+    out = files / "out.safetensors"
+    r = run(*_args(files, out, "--tau", "1", "--json", "-q"))
+    assert r.exit_code == 5, r.output
+    doc = json.loads(r.stdout)
+    assert doc["verified"] is False and doc["output"] is None and doc["steps_accepted"] == 0
