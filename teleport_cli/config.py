@@ -50,9 +50,10 @@ class TeleportConfig:
         batch_size: calibration samples per forward pass (memory, not the result: the
             objective is always over the whole calibration set).
         guard_fraction: share of the calibration set kept out of the Grams and the objective
-            (seeded) as a guard: a step that moves the guard loss beyond ``tolerance`` is
-            rejected. 0 disables it; with ``tau = 1`` (exact invariance on the whole calibration
-            set) no guard is split off.
+            (seeded) as a guard, at every tau: a step that moves the guard loss beyond
+            ``tolerance`` is rejected, and the ascent ends at the furthest accepted point whose
+            guard drift is within ``holdout_tolerance`` with a confidence bound (docs/guard.md).
+            0 disables it (with fewer than 10 calibration samples none is split off).
         holdout_fraction: share of ``--data`` set aside as held-out set when no
             ``--holdout`` is given (seeded by ``seed``).
         seed: seed for the held-out split and any random choice.

@@ -21,7 +21,7 @@ from . import __version__
 from .audit.survey import summarise as _summaries
 from .checkpoints.containers import check_output_for, read_checkpoint, write_checkpoint
 from .checkpoints.options import FileOptions
-from .checkpoints.training_state import assemble, moved_keys, moved_stored
+from .checkpoints.training_state import assemble, moved_keys, moved_stored, stored_dtypes
 from .config import TeleportConfig
 from .data.inputs import load_data_inputs
 from .data.tensors import as_tensor_data, split_holdout
@@ -89,6 +89,7 @@ def teleport(
     *,
     holdout=None,
     on_event: Progress | None = None,
+    storage_dtypes: dict[str, torch.dtype] | None = None,
 ) -> TeleportOutcome:
     """Teleport ``model`` along the calibration-loss level set and verify the result.
 
@@ -102,6 +103,8 @@ def teleport(
         holdout: held-out data; when None, ``config.holdout_fraction`` of ``calibration``
             (seeded by ``config.seed``) is set aside.
         on_event: progress callback ``(stage, done, total)``.
+        storage_dtypes: state-dict key -> the dtype the weight will be stored in (float16,
+            bfloat16); each ascent step is checked after rounding to it (docs/guard.md).
 
     Returns:
         :class:`TeleportOutcome`; check ``outcome.verified`` before using the weights.
@@ -127,7 +130,7 @@ def teleport(
         cal_batches = cal.batches(config.batch_size, device)
         hold_batches = hold.batches(config.batch_size, device)
         fit, guard = cal, None
-        if config.guard_fraction > 0 and config.tau < 1.0 and config.method == "nullspace" and len(cal) >= 10:
+        if config.guard_fraction > 0 and config.method == "nullspace" and len(cal) >= 10:
             fit, guard_data, _ = split_holdout(cal, config.guard_fraction, config.seed + 1)
             guard = guard_data.batches(config.batch_size, device)
         fit_batches = fit.batches(config.batch_size, device)
@@ -172,7 +175,8 @@ def teleport(
             objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes,
                                        seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
-                           on_step=stepped, guard=guard, guard_tolerance=config.tolerance)
+                           on_step=stepped, guard=guard, guard_tolerance=config.tolerance,
+                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes)
             if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
                 stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
         if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
@@ -243,7 +247,7 @@ class ApplyResult:
             }
 
         return {
-            "verified": v.passed,
+            "verified": v.passed and self.output is not None,  # exit 4 or 5: nothing written, nothing verified
             "output": self.output,
             "source": self.source,
             "arch": self.arch,
@@ -254,6 +258,7 @@ class ApplyResult:
             "grad_norm_ratio": o.stats.grad_norm_ratio,
             "steps_accepted": o.stats.steps_accepted,
             "steps_rejected": o.stats.steps_rejected,
+            "step_backs": o.stats.step_backs,
             "stop_reason": o.stats.stop_reason,
             "objective": o.stats.objective,
             "objective_before": o.stats.objective_before,
@@ -331,7 +336,7 @@ def apply(
     out = check_output_for(ckpt, output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
-    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
+    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model)
     if outcome.stats.steps_accepted == 0:
         raise NoStepAccepted(

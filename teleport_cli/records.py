@@ -85,6 +85,8 @@ class TeleportStats:
         hvp: how the Hessian-vector products were taken (mode requested and used, the
             finite-difference step, the measured disagreement; see teleport_cli.nullspace.hvp),
             or None where the objective takes none.
+        step_backs: accepted steps undone at the end because the guard did not trust the
+            points they reached (docs/guard.md); ``steps_accepted`` counts the steps kept.
     """
 
     loss_before: float
@@ -100,6 +102,7 @@ class TeleportStats:
     objective_before: float | None = None
     objective_after: float | None = None
     hvp: dict | None = None
+    step_backs: int = 0
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -114,6 +117,7 @@ class TeleportStats:
             "grad_norm_ratio": _finite(self.grad_norm_ratio),
             "steps_accepted": self.steps_accepted,
             "steps_rejected": self.steps_rejected,
+            "step_backs": self.step_backs,
             "stop_reason": self.stop_reason,
             "objective": self.objective,
             "objective_before": _finite(self.objective_before),

@@ -80,7 +80,7 @@ def _layer_table(layers: list[dict]) -> Table:
               help="Hessian-vector products of grad-norm/lookahead: forward or central finite differences of gradients, exact double backward, "
                    "or auto (forward where eps and eps/4 agree to 1e-2 on the first step, else exact; docs/hvp.md).")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
-              help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples (0: off; none at --tau 1).")
+              help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--seed", type=click.IntRange(*SEED_RANGE), default=D.seed, show_default=True, help="Seed for the held-out split.")

@@ -31,6 +31,7 @@ from ..config import TeleportConfig
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
 from .derivatives import Batches, GradientState, full_gradient
+from .guard import Guard
 from .hvp import full_precision_matmul
 from .layers import LayerSpec, layer_weight, weight_blocks
 from .linesearch import StepLog, backtrack, drift_ok
@@ -91,6 +92,9 @@ def ascend(
     on_step: Callable[[int, StepRecord | None], None] | None = None,
     guard: Batches | None = None,
     guard_tolerance: float = 0.0,
+    guard_trust: float | None = None,
+    guard_rule: str = "gate",
+    round_to: dict[str, torch.dtype] | None = None,
 ) -> TeleportStats:
     """Run projected ascent on ``model`` in place and return what happened.
 
@@ -98,6 +102,16 @@ def ascend(
     also rejected when the guard loss drifts beyond ``guard_tolerance`` by the same rule: the
     null spaces are exact only on the samples they were built from, and the guard measures
     what the move does to samples they have not seen (early stopping on a validation split).
+    With ``guard_trust`` (the held-out tolerance) each candidate is also tested by the guard's
+    confidence bound (:mod:`teleport_cli.nullspace.guard`). With ``guard_rule`` ``gate`` (the
+    default) a step that fails it is rejected like any other; with ``step_back`` failing steps
+    are accepted and the loop ends at the furthest accepted point that passed it (the steps
+    after it are undone and counted in ``step_backs``). bench/guard_margin.py measured both
+    (docs/guard.md): the gate kept more gradient-norm gain at 5 guard samples.
+
+    With ``round_to`` (weight key -> stored dtype, e.g. ``torch.float16``) every candidate is
+    rounded to its stored dtype before it is checked, so the drift rules judge the weights as
+    they will be written and the cast back changes nothing.
 
     Args:
         model: the model to move (a copy of the original), in eval mode on its device.
@@ -109,6 +123,8 @@ def ascend(
         loss_fn: summed loss of a batch, ``(logits, targets) -> scalar``.
         noise_floor: loss difference between two identical evaluations (added to the rule).
         on_step: called after every attempt with (step index, record or None if rejected).
+        guard, guard_tolerance, guard_trust, guard_rule: see above.
+        round_to: see above; keys are ``spec.weight_key``.
 
     Returns:
         :class:`~teleport_cli.records.TeleportStats`.
@@ -121,21 +137,25 @@ def ascend(
     n = sum(int(x.shape[0]) for x, _ in batches)
     hvp = getattr(objective, "hvp", None)
     if hvp is None:
-        return _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n)
+        return _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
+                           guard_trust, guard_rule, round_to, start, params, wrt, n)
     spec_of = {id(w): spec for (spec, _), w in zip(moving, wrt)}
     # auto compares what the step uses: the products projected onto the null spaces
     hvp.check = lambda ws, hv: [_project(spec_of[id(w)], bases, h) for w, h in zip(ws, hv) if id(w) in spec_of]
     # finite differences: both gradients of a difference in full fp32 (no TF32 on CUDA)
     with full_precision_matmul() if hvp.requested != "exact" else contextlib.nullcontext():
-        stats = _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n)
+        stats = _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
+                           guard_trust, guard_rule, round_to, start, params, wrt, n)
     return dataclasses.replace(stats, hvp=hvp.to_dict())
 
 
-def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance, start, params, wrt, n) -> TeleportStats:
+def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
+            guard_trust, guard_rule, round_to, start, params, wrt, n) -> TeleportStats:
     """The loop of :func:`ascend` (arguments as there)."""
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
-    guard0 = _mean_loss(model, guard, loss_fn) if guard is not None else 0.0
+    watch = Guard(model, guard, loss_fn, guard_tolerance, guard_trust, noise_floor) if guard is not None else None
+    dtypes = [(round_to or {}).get(spec.weight_key) for spec, _ in moving]
     score = objective.score(model, batches, loss_fn, params, state, n) if moving else 0.0
     score0 = score
     if not moving:
@@ -147,6 +167,7 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
     eta = config.step_size
     log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
+    kept = (0, w0, state, score)  # the furthest accepted point the guard trusts: (step, weights, state, score)
     while log.accepted < config.steps:
         direction = objective.direction(model, batches, loss_fn, params, wrt, state, n)
         projected = [_project(spec, bases, d) * objective.sign for (spec, _), d in zip(moving, direction)]
@@ -161,12 +182,12 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
         def propose(eta: float):
             scale = eta * total_norm / pnorm
             with torch.no_grad():
-                for w, c, p, base, base_norm in zip(wrt, current, projected, w0, w0_norms):
+                for w, c, p, base, base_norm, dt in zip(wrt, current, projected, w0, w0_norms, dtypes):
                     new = c + scale * p
                     moved = float((new - base).double().norm())
                     if base_norm > 0 and moved > config.max_step * base_norm:
                         new = base + (new - base) * (config.max_step * base_norm / moved)
-                    w.copy_(new)
+                    w.copy_(new if dt is None else new.to(dt))  # rounded as it will be stored
             return {}
 
         def accept(cand: dict) -> bool:
@@ -174,8 +195,10 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
             # the backward pass the gradient state needs (profiled on test_resnet: 5.5 s -> 4.6 s)
             if not drift_ok(_mean_loss(model, batches, loss_fn), loss0, config.tolerance, noise_floor):
                 return False
-            if guard is not None and not drift_ok(_mean_loss(model, guard, loss_fn), guard0, guard_tolerance, noise_floor):
-                return False
+            if watch is not None:
+                gate, cand["trusted"] = watch.check(model)
+                if not gate or (guard_rule == "gate" and not cand["trusted"]):
+                    return False
             cand["state"] = full_gradient(model, batches, loss_fn, params, n)
             if not drift_ok(cand["state"].loss, loss0, config.tolerance, noise_floor):
                 return False
@@ -187,12 +210,21 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
             stop = "backtracking"
             break
         state, score = cand["state"], cand["score"]
+        if cand.get("trusted", True):
+            kept = (log.accepted + 1, [w.detach().clone() for w in wrt], state, score)
         if log.accept(eta, state.loss, state.grad_norm, backtracks):
             stop = "target_ratio"
             break
         if backtracks == 0:
             eta = min(eta * config.step_growth, config.max_step)
-    return log.stats(loss0, state, stop, start, objective.name, score0, score)
+    step_backs = log.accepted - kept[0]
+    if step_backs:  # back along the accepted path to the furthest point the guard trusts
+        with torch.no_grad():
+            for w, v in zip(wrt, kept[1]):
+                w.copy_(v)
+        state, score = kept[2], kept[3]
+        log.accepted = kept[0]
+    return dataclasses.replace(log.stats(loss0, state, stop, start, objective.name, score0, score), step_backs=step_backs)
 
 
 def relative_changes(model: nn.Module, original: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:

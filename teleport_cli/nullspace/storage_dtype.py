@@ -65,6 +65,17 @@ def verify_storage(
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in stored.values()})
     if all(v.dtype == COMPUTE for v in stored.values()):
         return {"cast": False, "dtypes": dtypes, "passed": True}
+    # in eval mode, as the teleport ran: a model left in training mode would use (and update)
+    # BatchNorm batch statistics, and the cast check would compare other losses than the teleport's
+    was_training = original.training
+    original.eval()
+    try:
+        return _verify(original, teleported.eval(), stored, calibration, holdout, config, noise_floor, dtypes)
+    finally:
+        original.train(was_training)
+
+
+def _verify(original, teleported, stored, calibration, holdout, config, noise_floor, dtypes) -> dict:
     device = next(original.parameters()).device
     params = {k: teleported.get_parameter(k).detach() for k in stored}
     back = {k: v.to(device=device, dtype=COMPUTE) for k, v in stored.items()}

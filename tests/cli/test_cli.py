@@ -94,13 +94,13 @@ def test_metadata_round_trip(files):
 
 
 def test_holdout_failure_exits_4_and_writes_nothing(files):
-    """tau = 1 on 24 samples: the calibration loss cannot move, the held-out loss does."""
+    """tau = 1 on 24 samples, no guard: the calibration loss cannot move, the held-out loss does."""
     few = files / "few.safetensors"
     cal = load_file(files / "digits_calibration.safetensors")
     save_file({"inputs": cal["inputs"][:24].contiguous(), "targets": cal["targets"][:24].contiguous()}, str(few))
     out = files / "out.safetensors"
     r = run("apply", files / "mlp_digits_mid.safetensors", "--data", few, "--holdout", files / "digits_holdout.safetensors",
-            "-o", out, "--tau", "1", "--step-size", "0.05", "--max-step", "1", "--holdout-tolerance", "1e-3", "--json", "-q")
+            "-o", out, "--tau", "1", "--step-size", "0.05", "--max-step", "1", "--holdout-tolerance", "1e-3", "--guard-fraction", "0", "--json", "-q")
     assert r.exit_code == 4, r.output
     doc = json.loads(r.stdout)
     assert doc["verified"] is False and doc["output"] is None
@@ -260,3 +260,12 @@ def test_safetensors_named_pt_is_recognised_and_outputs_follow_the_umask(files, 
 def test_bad_model_kwargs_json_is_a_usage_error(files):
     r = run(*_args(files, files / "o.safetensors", "--model-kwargs", "{in_features: 64"))
     assert r.exit_code == 2 and "--model-kwargs is not valid JSON" in r.stderr
+
+
+def test_no_accepted_step_says_not_verified(files):
+    """Exit 5 wrote nothing: the JSON must not say verified."""
+    out = files / "out.safetensors"
+    r = run(*_args(files, out, "--tau", "1", "--json", "-q"))
+    assert r.exit_code == 5, r.output
+    doc = json.loads(r.stdout)
+    assert doc["verified"] is False and doc["output"] is None and doc["steps_accepted"] == 0
