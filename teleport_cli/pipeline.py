@@ -232,6 +232,7 @@ def resolve_batch_size(model: nn.Module, cal, config: TeleportConfig, event: Pro
     """
     from .nullspace.memory import choose_batch_size
 
+    check_targets(model, cal, cal.source)  # the data must fit the model before the probe runs it
     event("batch-size", 0, 1, {})
     layers, _ = find_layers(model)
     choice = choose_batch_size(model, cal, LOSS_FUNCTIONS[config.loss], next(model.parameters()).device,

@@ -145,6 +145,9 @@ def _write_report(path, result, data, holdout, config, inputs) -> str | None:
     from ..audit.html import render, write_html
     from ..audit.report import report_for_apply
 
+    if config.batch_size == "auto":  # the batch size auto chose for this teleport
+        config = config.replace(batch_size=result.batch_size)
+
     return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs))
 
 
