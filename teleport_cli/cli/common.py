@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -55,38 +56,81 @@ class PlainProgress:
     def __init__(self, stream=None, clock=time.monotonic) -> None:
         self.stream, self.clock = stream or sys.stderr, clock
         self.stage: str | None = None
-        self.last = 0.0
+        self.last = self.t0 = 0.0
+        self.ascent: tuple[int, dict] | None = None  # (total, info) of the last ascent event
+        self.lock = threading.Lock()
+
+    def beat(self) -> None:
+        """The 10 s line also while one ascent step takes longer than that (called by a timer)."""
+        with self.lock:
+            if self.stage == "ascent" and self.ascent is not None and self.clock() - self.last >= PLAIN_INTERVAL:
+                total, info = self.ascent
+                self.last = self.clock()
+                info = {**info, "seconds": self.last - self.t0}
+                self._line(f"ascent: step {info.get('accepted', 0) + info.get('rejected', 0)}/{total}, {_ascent_counts(info)}")
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[teleport] {text}\n")
         self.stream.flush()
 
     def __call__(self, stage: str, done: int, total: int, info: dict | None = None) -> None:
-        info = info or {}
+        with self.lock:
+            self._event(stage, done, total, info or {})
+
+    def _event(self, stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "ascent":
+            self.ascent = (total, info)
         if stage != self.stage:
             self.stage, self.last = stage, self.clock()
+            self.t0 = self.last
             self._line(f"{stage}: {done}/{total}" if stage not in ("ascent", "batch-size") else
                        f"ascent: up to {total} accepted steps" if stage == "ascent" else "batch-size: measuring --batch-size auto")
         if stage == "batch-size" and "batch_size" in info:
             self._line(f"batch-size: auto chose {info['batch_size']}")
         elif stage == "ascent" and "stop_reason" in info:
             self._line(f"ascent: done ({info['stop_reason']}), {_ascent_counts(info)}")
+            self.ascent = None
         elif stage == "ascent" and self.clock() - self.last >= PLAIN_INTERVAL:
             self.last = self.clock()
             self._line(f"ascent: step {info.get('accepted', 0) + info.get('rejected', 0)}/{total}, {_ascent_counts(info)}")
+
+
+def _real_stream(stream) -> bool:
+    """Whether ``stream`` is backed by a file descriptor (a file, pipe or terminal)."""
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 @contextmanager
 def progress_events(enabled: bool):
     """Progress on stderr; yields an ``on_event(stage, done, total, info=None)`` callback, or None
     when not ``enabled`` (``-q``). With stderr a terminal: one rich bar per phase with an ETA
-    (the ascent's with its accepted/rejected counts); otherwise :class:`PlainProgress` lines."""
+    (the ascent's with its accepted/rejected counts); on a file or pipe :class:`PlainProgress`
+    lines; none on a stream without a file descriptor (click's in-process test runner)."""
     console = stderr_console()
     if not enabled:
         yield None
         return
     if not console.is_terminal:
-        yield PlainProgress()
+        if not _real_stream(sys.stderr):  # captured in-process (click's test runner): no log lines
+            yield None
+            return
+        plain, stop = PlainProgress(), threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(1.0):
+                plain.beat()
+
+        timer = threading.Thread(target=heartbeat, daemon=True)
+        timer.start()
+        try:
+            yield plain
+        finally:
+            stop.set()
+            timer.join()
         return
     columns = [TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

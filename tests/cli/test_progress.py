@@ -67,3 +67,31 @@ def test_rich_bars_on_a_terminal(tmp_path):
     assert "[teleport] " not in text  # not the plain lines
     assert "accepted" in text and "ETA" in text
     assert (tmp_path / "o.safetensors").exists()
+
+
+def test_plain_ascent_lines_every_ten_seconds_also_within_a_long_step():
+    import io
+
+    from teleport_cli.cli.common import PlainProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    p = PlainProgress(out, clock=lambda: now[0])
+    p("ascent", 0, 30, {"accepted": 0, "rejected": 0, "grad_norm_ratio": 1.0, "seconds": 0.0})
+    now[0] = 4.0
+    p("ascent", 1, 30, {"accepted": 1, "rejected": 0, "grad_norm_ratio": 1.1, "seconds": 4.0})  # < 10 s: no line
+    now[0] = 10.5
+    p("ascent", 2, 30, {"accepted": 2, "rejected": 1, "grad_norm_ratio": 1.2, "seconds": 10.5})
+    now[0] = 15.0
+    p.beat()  # < 10 s since the last line: nothing
+    now[0] = 21.0
+    p.beat()  # a step that has run 10 s without an event: the line from the last counts, time now
+    p("ascent", 2, 2, {"accepted": 2, "rejected": 1, "grad_norm_ratio": 1.2, "seconds": 22.0, "stop_reason": "max_seconds"})
+    now[0] = 40.0
+    p.beat()  # after the end: nothing
+    assert out.getvalue().splitlines() == [
+        "[teleport] ascent: up to 30 accepted steps",
+        "[teleport] ascent: step 3/30, 2 accepted, 1 rejected, grad-norm 1.2x, 10 s",
+        "[teleport] ascent: step 3/30, 2 accepted, 1 rejected, grad-norm 1.2x, 21 s",
+        "[teleport] ascent: done (max_seconds), 2 accepted, 1 rejected, grad-norm 1.2x, 22 s",
+    ]
