@@ -48,7 +48,14 @@ class TeleportConfig:
             that with approximate null spaces (tau < 1) the step is tangent to the level set.
         max_backtracks: how many times a rejected step is halved before the loop stops.
         batch_size: calibration samples per forward pass (memory, not the result: the
-            objective is always over the whole calibration set).
+            objective is always over the whole calibration set), or ``"auto"``: the largest
+            power of two <= 256 whose gradient and Hessian-vector product fit ``max_memory``
+            (measured, :mod:`teleport_cli.nullspace.memory`).
+        max_memory: memory budget in bytes for ``batch_size="auto"``; None: half of the free
+            RAM (``MemAvailable``) or of the free GPU memory.
+        max_seconds: stop the ascent at its last accepted step once this many wall-clock
+            seconds have passed since the ascent started (stop reason ``max_seconds``); None:
+            no limit.
         guard_fraction: share of the calibration set kept out of the Grams and the objective
             (seeded) as a guard, at every tau: a step that moves the guard loss beyond
             ``tolerance`` is rejected, and the ascent ends at the furthest accepted point whose
@@ -90,7 +97,7 @@ class TeleportConfig:
     target_ratio: float | None = None
     max_backtracks: int = 6
     tangent: bool = True
-    batch_size: int = 256
+    batch_size: int | str = 256
     holdout_fraction: float = 0.2
     guard_fraction: float = 0.2
     seed: int = 0
@@ -103,6 +110,8 @@ class TeleportConfig:
     lookahead_steps: int = 1
     probes: int = 4
     hvp: str = "auto"
+    max_memory: int | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -115,7 +124,9 @@ class TeleportConfig:
             (self.holdout_tolerance >= 0, "--holdout-tolerance must be >= 0", None),
             (self.target_ratio is None or self.target_ratio > 0, "--target-ratio must be > 0", None),
             (self.max_backtracks >= 0, "--max-backtracks must be >= 0", None),
-            (self.batch_size >= 1, "--batch-size must be at least 1", None),
+            (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1), "--batch-size must be 'auto' or at least 1", None),
+            (self.max_memory is None or self.max_memory > 0, "--max-memory must be > 0", "e.g. 4GB or 512MB"),
+            (self.max_seconds is None or (self.max_seconds > 0 and math.isfinite(self.max_seconds)), "--max-seconds must be a finite number > 0", None),
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
             (0.0 <= self.guard_fraction < 1.0, "--guard-fraction must be in [0, 1)", None),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
@@ -141,3 +152,22 @@ class TeleportConfig:
     def replace(self, **changes) -> "TeleportConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+          "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4, "TIB": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"``, ``"512MB"``, ``"1.5G"``, ``"1000000"`` -> bytes (binary units: 1 GB = 2^30 bytes).
+
+    Raises:
+        ConfigError: not a positive size with a known unit.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-memory {text!r} is not a size", hint="use e.g. 4GB, 512MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])

@@ -40,8 +40,10 @@ from .nullspace.storage_dtype import storage_failure, verify_storage
 from .nullspace.verify import check_targets, compare, noise_floor
 from .records import LayerSummary, TeleportStats, Verification
 
-# on_event(stage, done, total): stage is "capture", "teleport" or "verify"
-Progress = Callable[[str, int, int], None]
+# on_event(stage, done, total, info): stage is "batch-size", "capture", "bases", "lookahead-lr",
+# "ascent", "verify" or "stability"; info is a dict, for "ascent" with "accepted", "rejected",
+# "grad_norm_ratio" and "seconds" (since the ascent started)
+Progress = Callable[[str, int, int, dict], None]
 
 
 @dataclass
@@ -73,6 +75,7 @@ class TeleportOutcome:
     stability: dict | None = None
     lookahead_lr: float | None = None
     guard_samples: int = 0
+    batch: dict | None = None  # with batch_size "auto": the choice and its memory estimate (BatchChoice.to_dict)
 
     @property
     def verified(self) -> bool:
@@ -102,7 +105,7 @@ def teleport(
         config: settings (defaults: :class:`~teleport_cli.config.TeleportConfig`).
         holdout: held-out data; when None, ``config.holdout_fraction`` of ``calibration``
             (seeded by ``config.seed``) is set aside.
-        on_event: progress callback ``(stage, done, total)``.
+        on_event: progress callback ``(stage, done, total, info)`` (see ``Progress``).
         storage_dtypes: state-dict key -> the dtype the weight will be stored in (float16,
             bfloat16); each ascent step is checked after rounding to it (docs/guard.md).
 
@@ -113,13 +116,16 @@ def teleport(
         InputError: the data do not fit the model, or the model is not deterministic.
     """
     config = config or TeleportConfig()
-    event = on_event or (lambda stage, done, total: None)
+    event = on_event or (lambda stage, done, total, info: None)
     loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         cal = as_tensor_data(calibration, "calibration data")
+        batch = None
+        if config.batch_size == "auto":
+            config, batch = resolve_batch_size(model, cal, config, event)
         check_targets(model, cal, cal.source)
         indices = None
         if holdout is None:
@@ -141,20 +147,26 @@ def teleport(
 
         def captured(k: int) -> None:
             done[0] += k
-            event("capture", done[0], len(fit))
+            event("capture", done[0], len(fit), {})
 
+        event("capture", 0, len(fit), {})
         accs = capture_grams(model, layers, fit_batches, captured)
-        bases = {
-            spec.name: layer_basis(spec.name, accs[spec.name].gram, config.tau)
-            for spec, _ in layers
-            if accs[spec.name].calls > 0 and accs[spec.name].plain
-        }
+        basis_layers = [spec for spec, _ in layers if accs[spec.name].calls > 0 and accs[spec.name].plain]
+        bases = {}
+        for i, spec in enumerate(basis_layers):
+            event("bases", i, len(basis_layers), {})
+            bases[spec.name] = layer_basis(spec.name, accs[spec.name].gram, config.tau)
+        event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
         moved_layers, _ = find_layers(moved)
 
-        def stepped(step: int, record) -> None:
-            event("teleport", step, config.steps)
+        def stepped(step: int, record, log) -> None:
+            ratio = log.history[-1].grad_norm / log.grad_norm0 if log.history and log.grad_norm0 > 0 else 1.0
+            event("ascent", step, config.steps, {"accepted": log.accepted, "rejected": log.rejected,
+                                                 "grad_norm_ratio": ratio, "seconds": time.perf_counter() - ascent_start[0]})
+
+        ascent_start = [time.perf_counter()]
 
         lookahead_lr = config.lr
         if config.method != "nullspace":  # baselines: gradient-norm ascent on the level set without null spaces
@@ -170,8 +182,12 @@ def teleport(
             if config.objective == "lookahead" and lookahead_lr is None:
                 from .audit.geometry import top_eigenvalue
 
+                event("lookahead-lr", 0, 1, {})
                 lanczos = HessianVectorProduct(config.hvp)
                 lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed, hvp=lanczos)), 1e-12)
+                event("lookahead-lr", 1, 1, {})
+            ascent_start[0] = time.perf_counter()
+            event("ascent", 0, config.steps, {"accepted": 0, "rejected": 0, "grad_norm_ratio": 1.0, "seconds": 0.0})
             objective = make_objective(config.objective, lr=lookahead_lr, lookahead_steps=config.lookahead_steps, probes=config.probes,
                                        seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
@@ -187,19 +203,21 @@ def teleport(
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
         changes = relative_changes(moved, model, [s for s, _ in layers])
-        event("verify", 0, 2)
+        event("ascent", stats.steps_accepted, stats.steps_accepted, {"accepted": stats.steps_accepted, "rejected": stats.steps_rejected,
+              "grad_norm_ratio": stats.grad_norm_ratio, "seconds": stats.seconds, "stop_reason": stats.stop_reason})
+        event("verify", 0, 2, {})
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
-        event("verify", 1, 2)
+        event("verify", 1, 2, {})
         check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
-        event("verify", 2, 2)
+        event("verify", 2, 2, {})
         stable = None
         if config.lr is not None:
             from .audit.geometry import stability_check, top_eigenvalue
 
-            event("stability", 0, 2)
+            event("stability", 0, 2, {})
             tops = [top_eigenvalue(m, cal_batches, loss_fn, seed=config.seed) for m in (model, moved)]
             stable = stability_check(tops[0], tops[1], config.lr, config.momentum)
-            event("stability", 2, 2)
+            event("stability", 2, 2, {})
         return TeleportOutcome(
             moved,
             _summaries(layers, excluded, accs, bases, changes),
@@ -211,9 +229,26 @@ def teleport(
             stable,
             lookahead_lr if config.objective == "lookahead" and config.method == "nullspace" else None,
             len(cal) - len(fit),
+            batch,
         )
     finally:
         model.train(was_training)
+
+
+def resolve_batch_size(model: nn.Module, cal, config: TeleportConfig, event: Progress) -> tuple[TeleportConfig, dict]:
+    """``batch_size="auto"``: measure and pick the batch (:func:`teleport_cli.nullspace.memory.choose_batch_size`).
+
+    Returns the config with the chosen batch size and the choice as a dict (for the JSON and metadata).
+    """
+    from .nullspace.memory import choose_batch_size
+
+    check_targets(model, cal, cal.source)  # the data must fit the model before the probe runs it
+    event("batch-size", 0, 1, {})
+    layers, _ = find_layers(model)
+    choice = choose_batch_size(model, cal, LOSS_FUNCTIONS[config.loss], next(model.parameters()).device,
+                               max_memory=config.max_memory, gram_blocks=[(s.groups, s.d_in) for s, _ in layers])
+    event("batch-size", 1, 1, {"batch_size": choice.batch_size})
+    return config.replace(batch_size=choice.batch_size), choice.to_dict()
 
 
 @dataclass
@@ -227,6 +262,7 @@ class ApplyResult:
     source: str
     files: dict | None = None  # container, which weights moved, EMA/optimizer, storage-dtype check
     original: nn.Module | None = None  # the model before the teleport (for apply --report)
+    batch_size: int | None = None  # the calibration batch size used (chosen by "auto" or given)
 
     def to_dict(self) -> dict:
         """The JSON document of ``teleport apply --json``."""
@@ -266,6 +302,8 @@ class ApplyResult:
             "lookahead_lr": o.lookahead_lr,
             "hvp": o.stats.hvp,
             "guard_samples": o.guard_samples,
+            "batch_size": self.batch_size,
+            "memory": o.batch,
             "noise_floor": v.noise_floor,
             "stability": o.stability,
             "calibration": set_dict(v.calibration),
@@ -336,8 +374,15 @@ def apply(
     out = check_output_for(ckpt, output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
     model.to(device)
+    batch = None
+    if config.batch_size == "auto":  # chosen here: the storage check below batches with it too
+        was_training = model.training
+        model.eval()
+        config, batch = resolve_batch_size(model, as_tensor_data(cal, "calibration data"), config, on_event or (lambda *a: None))
+        model.train(was_training)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
-    result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model)
+    outcome.batch = batch
+    result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model, batch_size=config.batch_size)
     if outcome.stats.steps_accepted == 0:
         raise NoStepAccepted(
             f"no teleport step was accepted ({outcome.stats.stop_reason}): the weights did not move",
@@ -367,6 +412,7 @@ def apply(
             **({"arch": arch, "model_kwargs": kwargs if isinstance(kwargs, str) else json.dumps(kwargs)} if arch else {}),
             "teleport": json.dumps(config.to_dict()),
             "teleport_stats": json.dumps(outcome.stats.to_dict()),
+            **({"memory": json.dumps(batch)} if batch is not None else {}),
             "verification": json.dumps(outcome.verification.to_dict()),
             "calibration_sha256": outcome.calibration_sha256,
             "holdout": json.dumps(

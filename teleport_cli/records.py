@@ -80,7 +80,9 @@ class TeleportStats:
         grad_norm_before, grad_norm_after: L2 norm of the gradient of the calibration loss
             with respect to all trainable parameters.
         steps_accepted: number of accepted steps; ``steps_rejected`` counts halvings.
-        stop_reason: ``steps``, ``target_ratio``, ``backtracking`` or ``no_freedom``.
+        stop_reason: ``steps``, ``target_ratio``, ``backtracking``, ``no_freedom`` or
+            ``max_seconds`` (the time budget ran out; the weights are those of the last
+            accepted step).
         seconds: wall-clock time of the loop in seconds.
         hvp: how the Hessian-vector products were taken (mode requested and used, the
             finite-difference step, the measured disagreement; see teleport_cli.nullspace.hvp),

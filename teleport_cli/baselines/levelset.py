@@ -41,7 +41,7 @@ def levelset_teleport(
     loss_fn: Callable,
     *,
     noise_floor: float = 0.0,
-    on_step: Callable[[int, StepRecord | None], None] | None = None,
+    on_step: Callable[[int, StepRecord | None, StepLog], None] | None = None,
 ) -> TeleportStats:
     """Run level-set teleportation on ``model`` in place (all trainable parameters move).
 

@@ -135,7 +135,7 @@ def symmetry_teleport(
     loss_fn: Callable,
     *,
     noise_floor: float = 0.0,
-    on_step: Callable[[int, StepRecord | None], None] | None = None,
+    on_step: Callable[[int, StepRecord | None, StepLog], None] | None = None,
 ) -> TeleportStats:
     """Run symmetry teleportation on the built-in MLP ``model`` in place.
 

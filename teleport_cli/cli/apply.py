@@ -14,6 +14,7 @@ from .common import (
     EXIT_CODES_HELP,
     fail,
     model_options,
+    batch_options,
     progress_events,
     stderr_console,
     weight_options,
@@ -82,7 +83,9 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
+@batch_options
+@click.option("--max-seconds", type=float, default=None,
+              help="Stop the ascent at its last accepted step once this many wall-clock seconds have passed since the ascent started (after capture, bases and the look-ahead learning rate); stop reason max_seconds.")
 @click.option("--seed", type=click.IntRange(*SEED_RANGE), default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")
@@ -96,7 +99,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
-          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, tangent, batch_size, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..pipeline import apply as run_apply
@@ -105,7 +108,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp,
-            guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size,
+            guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size, max_memory=max_memory, max_seconds=max_seconds,
             seed=seed, device=device, loss=loss or D.loss,
         )
         files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
@@ -145,6 +148,9 @@ def _write_report(path, result, data, holdout, config, inputs, force) -> str | N
     from ..audit.html import render, write_html
     from ..audit.report import report_for_apply
 
+    if config.batch_size == "auto":  # the batch size auto chose for this teleport
+        config = config.replace(batch_size=result.batch_size)
+
     return str(write_html(path, render(report_for_apply(result, data, holdout, config)), inputs, force=force, flag="--report"))
 
 
@@ -156,7 +162,8 @@ def _render(doc: dict, as_json: bool, quiet: bool) -> None:
         err.print(
             f"gradient norm {doc['grad_norm_before']:.4g} → {doc['grad_norm_after']:.4g} "
             f"(×{doc['grad_norm_ratio']:.3g}) in {doc['steps_accepted']} steps ({doc['stop_reason']}); "
-            f"{doc['seconds']:.1f} s in all, ascent {doc['ascent_seconds']:.2f} s"
+            f"{doc['seconds']:.1f} s in all, ascent {doc['ascent_seconds']:.2f} s; batch size {doc['batch_size']}"
+            + (f" (auto: estimated peak {doc['memory']['estimate'] / 2**30:.2f} of {doc['memory']['budget'] / 2**30:.2f} GiB)" if doc.get("memory") else "")
             + (f"; {doc['guard_samples']} calibration samples guarded" if doc.get("guard_samples") else ""),
             highlight=False,
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from ..errors import TeleportError
@@ -38,23 +40,150 @@ def stderr_console() -> Console:
     return console
 
 
+PLAIN_INTERVAL = 10.0  # seconds between two plain progress lines of the ascent
+
+
+def _ascent_counts(info: dict) -> str:
+    return (f"{info.get('accepted', 0)} accepted, {info.get('rejected', 0)} rejected, "
+            f"grad-norm {info.get('grad_norm_ratio', 1.0):.3g}x, {info.get('seconds', 0.0):.0f} s")
+
+
+class PlainProgress:
+    """Progress as plain stderr lines (stderr not a terminal: CI logs, nohup): one line when a
+    phase starts, and during the ascent one every ``PLAIN_INTERVAL`` seconds and one at its end.
+
+    ``[teleport] ascent: step 12/30, 9 accepted, 3 rejected, grad-norm 1.23x, 41 s``
+    """
+
+    def __init__(self, stream=None, clock=time.monotonic) -> None:
+        self.stream, self.clock = stream or sys.stderr, clock
+        self.stage: str | None = None
+        self.last = self.t0 = 0.0
+        self.ascent: tuple[int, dict] | None = None  # (total, info) of the last ascent event
+        self.lock = threading.Lock()
+
+    def beat(self) -> None:
+        """The 10 s line also while one ascent step takes longer than that (called by a timer)."""
+        with self.lock:
+            if self.stage == "ascent" and self.ascent is not None and self.clock() - self.last >= PLAIN_INTERVAL:
+                total, info = self.ascent
+                self.last = self.clock()
+                info = {**info, "seconds": self.last - self.t0}
+                self._line(f"ascent: step {info.get('accepted', 0) + info.get('rejected', 0)}/{total}, {_ascent_counts(info)}")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"[teleport] {text}\n")
+        self.stream.flush()
+
+    def __call__(self, stage: str, done: int, total: int, info: dict | None = None) -> None:
+        with self.lock:
+            self._event(stage, done, total, info or {})
+
+    def _event(self, stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "ascent":
+            self.ascent = (total, info)
+        if stage != self.stage:
+            self.stage, self.last = stage, self.clock()
+            self.t0 = self.last
+            self._line(f"{stage}: {done}/{total}" if stage not in ("ascent", "batch-size") else
+                       f"ascent: up to {total} accepted steps" if stage == "ascent" else "batch-size: measuring --batch-size auto")
+        if stage == "batch-size" and "batch_size" in info:
+            self._line(f"batch-size: auto chose {info['batch_size']}")
+        elif stage == "ascent" and "stop_reason" in info:
+            self._line(f"ascent: done ({info['stop_reason']}), {_ascent_counts(info)}")
+            self.ascent = None
+        elif stage == "ascent" and self.clock() - self.last >= PLAIN_INTERVAL:
+            self.last = self.clock()
+            self._line(f"ascent: step {info.get('accepted', 0) + info.get('rejected', 0)}/{total}, {_ascent_counts(info)}")
+
+
+def _real_stream(stream) -> bool:
+    """Whether ``stream`` is backed by a file descriptor (a file, pipe or terminal)."""
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
 @contextmanager
 def progress_events(enabled: bool):
-    """A rich progress bar on stderr when it is a terminal; yields an ``on_event`` callback or None."""
+    """Progress on stderr; yields an ``on_event(stage, done, total, info=None)`` callback, or None
+    when not ``enabled`` (``-q``). With stderr a terminal: one rich bar per phase with an ETA
+    (the ascent's with its accepted/rejected counts); on a file or pipe :class:`PlainProgress`
+    lines; none on a stream without a file descriptor (click's in-process test runner)."""
     console = stderr_console()
-    if not enabled or not console.is_terminal:
+    if not enabled:
         yield None
         return
-    columns = [TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
+    if not console.is_terminal:
+        if not _real_stream(sys.stderr):  # captured in-process (click's test runner): no log lines
+            yield None
+            return
+        plain, stop = PlainProgress(), threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(1.0):
+                plain.beat()
+
+        timer = threading.Thread(target=heartbeat, daemon=True)
+        timer.start()
+        try:
+            yield plain
+        finally:
+            stop.set()
+            timer.join()
+        return
+    columns = [TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
-        def on_event(stage: str, done: int, total: int) -> None:
+        def on_event(stage: str, done: int, total: int, info: dict | None = None) -> None:
+            info = info or {}
+            text = _ascent_counts(info) if stage == "ascent" else (f"batch {info['batch_size']}" if "batch_size" in info else "")
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = bar.add_task(stage, total=total, info=text)
+            bar.update(tasks[stage], completed=done, total=total, info=text)
 
         yield on_event
+
+
+class BatchSize(click.ParamType):
+    """``auto`` or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor an integer", param, ctx)
+
+
+class MemorySize(click.ParamType):
+    """A size such as ``4GB`` or ``512MB`` (binary units), as bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from ..config import parse_bytes
+        from ..errors import ConfigError
+
+        try:
+            return value if isinstance(value, int) else parse_bytes(value)
+        except ConfigError as e:
+            self.fail(e.one_line(), param, ctx)
+
+
+def batch_options(f):
+    """``--batch-size auto|N`` and ``--max-memory SIZE``."""
+    f = click.option("--max-memory", type=MemorySize(), default=None,
+                     help="Memory budget of --batch-size auto, e.g. 4GB or 512MB; default: half of the free RAM (MemAvailable), or of the free GPU memory.")(f)
+    return click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
+                        help="Calibration samples per forward pass, or auto: the largest power of two <= 256 whose gradient and HVP fit --max-memory (measured). Changes only the order of float sums, never the result.")(f)
 
 
 def fail(err: TeleportError) -> None:

@@ -81,11 +81,16 @@ def backtrack(
 
 @dataclass
 class StepLog:
-    """Counts accepted and rejected steps, keeps the history, reports progress, checks the target."""
+    """Counts accepted and rejected steps, keeps the history, reports progress, checks the target.
+
+    ``on_step(accepted, record, log)`` is called after every attempt: ``record`` is the
+    accepted step's :class:`StepRecord`, or None for a rejection; ``log`` is this log (its
+    ``rejected`` and ``grad_norm0`` give the counts and the start for a progress display).
+    """
 
     target_ratio: float | None
     grad_norm0: float
-    on_step: Callable[[int, StepRecord | None], None] | None = None
+    on_step: Callable[[int, StepRecord | None, "StepLog"], None] | None = None
     accepted: int = 0
     rejected: int = 0
     history: list[StepRecord] = field(default_factory=list)
@@ -93,14 +98,14 @@ class StepLog:
     def reject(self) -> None:
         self.rejected += 1
         if self.on_step is not None:
-            self.on_step(self.accepted, None)
+            self.on_step(self.accepted, None, self)
 
     def accept(self, eta: float, loss: float, grad_norm: float, backtracks: int) -> bool:
         """Record an accepted step; True when ``grad_norm / grad_norm0`` reached the target ratio."""
         self.accepted += 1
         self.history.append(StepRecord(self.accepted, eta, loss, grad_norm, backtracks))
         if self.on_step is not None:
-            self.on_step(self.accepted, self.history[-1])
+            self.on_step(self.accepted, self.history[-1], self)
         return self.target_ratio is not None and self.grad_norm0 > 0 and grad_norm / self.grad_norm0 >= self.target_ratio
 
     def stats(self, loss0: float, state, stop: str, start: float, objective: str, score0: float, score: float) -> TeleportStats:
