@@ -41,11 +41,15 @@ from ..nullspace.hvp import HessianVectorProduct, full_precision_matmul, missing
 from ..nullspace.verify import evaluate_loss
 from ..records import _finite
 
-# Lanczos keeps its basis (iterations x P numbers) for full reorthogonalisation only while it
-# is at most this many numbers (512 MiB in float32); above it runs the three-term recurrence
-# alone, which still finds the extreme eigenvalue (at worst with spurious repeated copies).
+# Lanczos keeps its basis (iterations x P numbers, one stacked tensor) for full
+# reorthogonalisation only while it is at most this many numbers (512 MiB in float32); above it
+# runs the three-term recurrence alone, which still finds the extreme eigenvalue (at worst with
+# spurious repeated copies).
 REORTH_BUDGET = 1 << 27
 FALLBACK = "central differences (no double backward)"
+
+# the relative precision of a top eigenvalue that only sets a learning rate
+LR_RTOL = 1e-2
 
 Vec = list[torch.Tensor]
 
@@ -89,12 +93,16 @@ def _dot(a: Vec, b: Vec) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
-def _axpy(alpha: float, x: Vec, y: Vec) -> Vec:
-    return [yi + alpha * xi for xi, yi in zip(x, y)]
+def _flat(vs: Vec, dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1).to(dtype) for v in vs])
 
 
-def _scale(alpha: float, x: Vec) -> Vec:
-    return [alpha * xi for xi in x]
+def _unflat(flat: torch.Tensor, like: Vec) -> Vec:
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i : i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
 
 
 def lanczos_top(
@@ -106,11 +114,20 @@ def lanczos_top(
 ) -> tuple[float, float, int]:
     """Largest algebraic eigenvalue of a symmetric operator by the Lanczos method.
 
+    The Lanczos vectors are rows of one stacked ``iterations x P`` tensor in the working dtype
+    (the start vector's: float32 for a float32 model, float64 for a float64 one; half
+    precision is promoted to float32), and each new vector is reorthogonalised against all
+    earlier ones by two matrix-vector products with that basis (classical Gram-Schmidt twice:
+    Giraud et al., Numer. Math. 2005, "twice is enough"). The k x k tridiagonal eigenproblem
+    is solved in float64.
+
     Args:
-        matvec: ``v -> H v`` on lists of tensors (the shapes of ``start``).
+        matvec: ``v -> H v`` on lists of tensors (the shapes and dtypes of ``start``).
         start: the start vector (any non-zero list of tensors; normalised here).
         iterations: at most this many products (capped at the dimension).
-        rtol: stop once the residual ``|beta_k s_k| <= rtol * |theta|``.
+        rtol: stop once the residual ``|beta_k s_k| <= rtol * |theta|``: an eigenvalue of the
+            operator then lies within ``rtol * |theta|`` of theta (Parlett, Thm. 13.1.1).
+            1e-2 is what a learning rate needs (:func:`top_eigenvalue`).
 
     Returns:
         (theta, residual, products): the top Ritz value, the residual bound, products used.
@@ -118,28 +135,33 @@ def lanczos_top(
     Raises:
         ValueError: ``start`` is zero.
     """
-    dim = sum(t.numel() for t in start)
-    norm = _dot(start, start) ** 0.5
+    dtype = torch.promote_types(start[0].dtype, torch.float32)
+    q = _flat(start, dtype)
+    dim = q.numel()
+    norm = float(q.norm())
     if norm == 0:
         raise ValueError("the Lanczos start vector is zero")
-    q = _scale(1.0 / norm, start)
-    keep = min(iterations, dim) * dim <= REORTH_BUDGET
-    basis: list[Vec] = [q] if keep else []
+    q = q / norm
+    steps = min(iterations, dim)
+    # rows are written one per product: pages of an untouched row are never committed
+    basis = torch.empty(steps, dim, dtype=dtype, device=q.device) if steps * dim <= REORTH_BUDGET else None
     alphas: list[float] = []
     betas: list[float] = []
-    q_prev: Vec | None = None
+    q_prev: torch.Tensor | None = None
     theta, residual = 0.0, float("inf")
-    for k in range(min(iterations, dim)):
-        w = matvec(q)
-        alpha = _dot(q, w)
-        w = _axpy(-alpha, q, w)
+    for k in range(steps):
+        if basis is not None:
+            basis[k] = q
+        w = _flat(matvec(_unflat(q, start)), dtype)
+        alpha = float(torch.dot(q, w))
+        w -= alpha * q
         if q_prev is not None:
-            w = _axpy(-betas[-1], q_prev, w)
-        for b in basis:  # full reorthogonalisation (twice is enough: Parlett's "twice is enough")
-            w = _axpy(-_dot(b, w), b, w)
-        for b in basis:
-            w = _axpy(-_dot(b, w), b, w)
-        beta = _dot(w, w) ** 0.5
+            w -= betas[-1] * q_prev
+        if basis is not None:  # full reorthogonalisation, twice
+            b = basis[: k + 1]
+            w -= b.T @ (b @ w)
+            w -= b.T @ (b @ w)
+        beta = float(w.norm())
         alphas.append(alpha)
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if k:
@@ -151,9 +173,7 @@ def lanczos_top(
         if residual <= rtol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-300):
             return theta, residual, k + 1
         betas.append(beta)
-        q_prev, q = q, _scale(1.0 / beta, w)
-        if keep:
-            basis.append(q)
+        q_prev, q = q, w / beta
     return theta, residual, len(alphas)
 
 
@@ -248,9 +268,11 @@ def measure(
 
 
 def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, iterations: int = 20, seed: int = 0,
-                   hvp: HessianVectorProduct | None = None) -> float:
+                   hvp: HessianVectorProduct | None = None, rtol: float = LR_RTOL) -> float:
     """Largest Hessian eigenvalue of the loss over all ``batches`` (Lanczos on HVPs, all trainable parameters).
 
+    To ``rtol`` relative (default :data:`LR_RTOL` = 1e-2: the precision a learning rate such as
+    the look-ahead's ``1 / lambda_max`` or the SGD edge ``2 (1 + momentum) / lr`` needs).
     ``hvp``: how the products are taken (:class:`~teleport_cli.nullspace.hvp.HessianVectorProduct`;
     a forward difference reuses one gradient at the model's point); default: double backward.
     """
@@ -259,11 +281,13 @@ def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, ite
     gen = torch.Generator().manual_seed(seed)
     start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
     if hvp is None:
-        top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start, iterations=iterations)
+        top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start,
+                                iterations=iterations, rtol=rtol)
         return top
     with full_precision_matmul():
         grads = full_gradient(model, batches, loss_fn, params, n).grads
-    top, _, _ = lanczos_top(lambda v: hvp(model, batches, loss_fn, params, v, params, n, grads=grads), start, iterations=iterations)
+    top, _, _ = lanczos_top(lambda v: hvp(model, batches, loss_fn, params, v, params, n, grads=grads), start,
+                            iterations=iterations, rtol=rtol)
     return top
 
 
