@@ -30,7 +30,6 @@ Writes bench/results/guard_margin.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import fmnist_mlp  # noqa: E402
+
 from teleport_cli import pipeline  # noqa: E402
 from teleport_cli.config import TeleportConfig  # noqa: E402
 from teleport_cli.errors import NoStepAccepted, VerificationFailed  # noqa: E402

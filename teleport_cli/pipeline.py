@@ -21,7 +21,12 @@ from . import __version__
 from .audit.survey import summarise as _summaries
 from .checkpoints.containers import check_output_for, read_checkpoint, write_checkpoint
 from .checkpoints.options import FileOptions
-from .checkpoints.training_state import assemble, moved_keys, moved_stored, stored_dtypes
+from .checkpoints.training_state import (
+    assemble,
+    moved_keys,
+    moved_stored,
+    stored_dtypes,
+)
 from .config import TeleportConfig
 from .data.inputs import load_data_inputs
 from .data.tensors import as_tensor_data, split_holdout

@@ -37,7 +37,11 @@ from ..nullspace.derivatives import (
     full_gradient,
     hessian_vector_product,
 )
-from ..nullspace.hvp import HessianVectorProduct, full_precision_matmul, missing_double_backward
+from ..nullspace.hvp import (
+    HessianVectorProduct,
+    full_precision_matmul,
+    missing_double_backward,
+)
 from ..nullspace.verify import evaluate_loss
 from ..records import _finite
 

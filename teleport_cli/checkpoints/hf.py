@@ -19,7 +19,14 @@ import torch
 
 from ..errors import InputError
 from .atomic import staged_folder
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, folder_files, sha256_folder
+from .base import (
+    Container,
+    LoadedCheckpoint,
+    WeightSet,
+    check_finite,
+    folder_files,
+    sha256_folder,
+)
 from .sharded import INDEX, copy_others, read_index, write_shards
 from .single import read_safetensors, write_safetensors
 from .torchfile import _is_state_dict, _rebuild, load_pickle, save_pickle

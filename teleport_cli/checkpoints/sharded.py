@@ -18,7 +18,14 @@ import torch
 
 from ..errors import InputError
 from .atomic import staged_folder
-from .base import Container, LoadedCheckpoint, WeightSet, check_finite, folder_files, sha256_folder
+from .base import (
+    Container,
+    LoadedCheckpoint,
+    WeightSet,
+    check_finite,
+    folder_files,
+    sha256_folder,
+)
 from .single import read_safetensors, write_safetensors
 
 KIND = "sharded"

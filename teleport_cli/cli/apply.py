@@ -8,13 +8,21 @@ import click
 from rich.table import Table
 
 from ..checkpoints.options import FileOptions
-from ..config import DEVICES, HVP_MODES, LOSSES, METHODS, OBJECTIVES, SEED_RANGE, TeleportConfig
+from ..config import (
+    DEVICES,
+    HVP_MODES,
+    LOSSES,
+    METHODS,
+    OBJECTIVES,
+    SEED_RANGE,
+    TeleportConfig,
+)
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
 from .common import (
     EXIT_CODES_HELP,
+    batch_options,
     fail,
     model_options,
-    batch_options,
     progress_events,
     stderr_console,
     weight_options,

@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..bench.settings import OPTIMIZERS, PLOT_FILES, RESULT_FILE, VARIANTS, BenchSettings
+from ..bench.settings import (
+    OPTIMIZERS,
+    PLOT_FILES,
+    RESULT_FILE,
+    VARIANTS,
+    BenchSettings,
+)
 from ..checkpoints.atomic import resolve_output, writable
 from ..config import DEVICES, HVP_MODES, OBJECTIVES, TeleportConfig
 from ..errors import OutputError, TeleportError

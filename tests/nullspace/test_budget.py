@@ -7,12 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from _ckpt import CAL, HOLD, MID, ROOT, mid_state, mlp, run
 
 from teleport_cli.config import TeleportConfig, parse_bytes
 from teleport_cli.errors import ConfigError
 from teleport_cli.pipeline import teleport
-
-from _ckpt import CAL, HOLD, MID, ROOT, mid_state, mlp, run
 
 
 def test_parse_bytes_binary_units():

@@ -23,7 +23,11 @@ from teleport_cli.data.tensors import TensorData
 from teleport_cli.nullspace.bases import layer_basis
 from teleport_cli.nullspace.capture import capture_grams
 from teleport_cli.nullspace.derivatives import full_gradient
-from teleport_cli.nullspace.hvp import HessianVectorProduct, base_epsilon, relative_difference
+from teleport_cli.nullspace.hvp import (
+    HessianVectorProduct,
+    base_epsilon,
+    relative_difference,
+)
 from teleport_cli.nullspace.layers import weight_blocks
 from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
 from teleport_cli.nullspace.selection import find_layers
