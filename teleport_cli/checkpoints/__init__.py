@@ -10,6 +10,8 @@ The only importer of safetensors. Imports nothing from the teleport stage.
 ``torchfile``       ``torch.save`` pickles and timm training checkpoints; safe unpickling
 ``base``            what every reader returns; key and tensor rules
 ``atomic``          output checks before any work; atomic file and folder writes
+``publish``         publishing without replacing (link/unlink, renameat2 RENAME_NOREPLACE)
+``temps``           locked ``.NAME.teleport-*.tmp`` temporaries; stale ones removed
 ``temps``           temporary names beside an output, their flocks, removal of stale ones
 ``publish``         the final rename that never replaces an output (link, renameat2)
 ``tensor_files``    one state dict or tensor file in, one out (calibration files, tests)

@@ -10,10 +10,13 @@ Named ``nullspace`` rather than ``teleport``: ``teleport_cli.teleport`` is the l
 ``bases``          null-space bases of the Grams, and projection onto them
 ``losses``         summed cross-entropy of classifiers and language models
 ``derivatives``    gradients and Hessian-vector products over the calibration set
+``hvp``            Hessian-vector products by finite differences or double backward (``--hvp``)
+``memory``         ``--batch-size auto`` under ``--max-memory``
 ``objectives``     gradient norm, and the registry of objectives
 ``lookahead``      the loss after k virtual SGD steps
 ``trace``          Hutchinson's Hessian trace (minimised)
 ``linesearch``     backtracking and the drift gates every loop shares
+``guard``          the guard samples' confidence bound on unseen drift
 ``ascent``         the projected ascent loop
 ``verify``         loss, logits and accuracy before and after
 ``storage_dtype``  verification again after the cast back to float16/bfloat16
