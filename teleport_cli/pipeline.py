@@ -31,7 +31,7 @@ from .models.loading import load_weights
 from .nullspace.ascent import ascend, relative_changes
 from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
-from .nullspace.derivatives import full_gradient
+from .nullspace.derivatives import count_samples, full_gradient
 from .nullspace.losses import LOSS_FUNCTIONS
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
@@ -172,8 +172,8 @@ def teleport(
         if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
             params0 = [p for p in model.parameters() if p.requires_grad]
             params1 = [p for p in moved.parameters() if p.requires_grad]
-            before = full_gradient(model, cal_batches, loss_fn, params0, len(cal))
-            after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
+            before = full_gradient(model, cal_batches, loss_fn, params0, count_samples(cal_batches))
+            after = full_gradient(moved, cal_batches, loss_fn, params1, count_samples(cal_batches))
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
         changes = relative_changes(moved, model, [s for s, _ in layers])

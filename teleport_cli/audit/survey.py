@@ -37,7 +37,7 @@ def summarise(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...
         if acc.calls == 0:
             reason = DEAD
         elif not acc.plain:
-            func = "F.linear" if spec.kind.startswith(("linear", "mha")) else f"F.{spec.kind}"
+            func = "F.linear" if spec.kind.startswith(("linear", "mha", "hf_conv1d")) else f"F.{spec.kind}"
             reason = f"output is not {func} of its input and stored weight (relative error {acc.plain_error:.2g})"
         elif basis is not None and basis.null_dim == 0:
             reason = "null space is empty at this tau"

@@ -28,8 +28,9 @@ from torch import nn
 from ..config import TeleportConfig
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
-from .derivatives import Batches, GradientState, full_gradient
-from .layers import LayerSpec, layer_weight, weight_blocks
+from .derivatives import Batches, GradientState, count_samples, full_gradient
+from .layers import LayerSpec, from_blocks, layer_weight, weight_blocks
+from .losses import target_count
 from .linesearch import StepLog, backtrack, drift_ok
 from .objectives import GradNormObjective
 
@@ -67,12 +68,12 @@ def _mean_loss(model: nn.Module, batches: Batches, loss_fn: Callable) -> float:
     total, n = 0.0, 0
     for x, y in batches:
         total += float(loss_fn(model(x), y))
-        n += int(x.shape[0])
+        n += target_count(y)
     return total / max(n, 1)
 
 
 def _project(spec: LayerSpec, bases: dict[str, LayerBasis], t: torch.Tensor) -> torch.Tensor:
-    return bases[spec.name].project(weight_blocks(spec, t)).reshape(t.shape)
+    return from_blocks(spec, bases[spec.name].project(weight_blocks(spec, t)), t.shape)
 
 
 def ascend(
@@ -115,7 +116,7 @@ def ascend(
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
     wrt = [layer_weight(spec, module) for spec, module in moving]
-    n = sum(int(x.shape[0]) for x, _ in batches)
+    n = count_samples(batches)
 
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
