@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .audit.survey import no_layer_reason
 from .audit.survey import summarise as _summaries
 from .checkpoints.containers import check_output_for, read_checkpoint, write_checkpoint
 from .checkpoints.options import FileOptions
@@ -31,7 +32,7 @@ from .models.loading import load_weights
 from .nullspace.ascent import ascend, relative_changes
 from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
-from .nullspace.derivatives import count_samples, full_gradient
+from .nullspace.derivatives import full_gradient
 from .nullspace.losses import LOSS_FUNCTIONS
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
@@ -172,8 +173,8 @@ def teleport(
         if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
             params0 = [p for p in model.parameters() if p.requires_grad]
             params1 = [p for p in moved.parameters() if p.requires_grad]
-            before = full_gradient(model, cal_batches, loss_fn, params0, count_samples(cal_batches))
-            after = full_gradient(moved, cal_batches, loss_fn, params1, count_samples(cal_batches))
+            before = full_gradient(model, cal_batches, loss_fn, params0, len(cal))
+            after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
         changes = relative_changes(moved, model, [s for s, _ in layers])
@@ -326,6 +327,13 @@ def apply(
     model.to(device)
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event)
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model)
+    why = no_layer_reason(outcome.layers) if outcome.stats.steps_accepted == 0 else None
+    if why is not None:
+        raise NoStepAccepted(
+            f"no layer can be teleported, at any tau: {why}",
+            hint="only plain nn.Linear/nn.Conv (and transformers Conv1D) weights that are trainable and untied move; see teleport inspect",
+            result=result,
+        )
     if outcome.stats.steps_accepted == 0:
         raise NoStepAccepted(
             f"no teleport step was accepted ({outcome.stats.stop_reason}): the weights did not move",

@@ -31,7 +31,7 @@ from ..nullspace.bases import layer_basis
 from ..nullspace.capture import capture_grams
 from ..nullspace.derivatives import Batches
 from ..nullspace.linesearch import drift_ok
-from ..nullspace.losses import LOSS_FUNCTIONS, target_count
+from ..nullspace.losses import LOSS_FUNCTIONS
 from ..nullspace.selection import find_layers
 from ..nullspace.verify import check_targets, forward_checked, noise_floor
 from ..records import _finite
@@ -82,7 +82,7 @@ def compare_set(a: nn.Module, b: nn.Module, batches: Batches, loss_fn: Callable,
         max_diff = max(max_diff, float(diff.max()))
         abs_sum += float(diff.sum())
         entries += diff.numel()
-        n += target_count(y)
+        n += int(y.numel())
     loss_a, loss_b = loss_a / n, loss_b / n
     return {
         "samples": n,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import TeleportConfig
-from ..nullspace.derivatives import Batches, count_samples, full_gradient, hessian_vector_product
+from ..nullspace.derivatives import Batches, full_gradient, hessian_vector_product
 from ..nullspace.linesearch import StepLog, gradient_norm_step
 from ..records import StepRecord, TeleportStats
 
@@ -57,7 +57,7 @@ def levelset_teleport(
     """
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    n = count_samples(batches)
+    n = sum(int(x.shape[0]) for x, _ in batches)
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
     total_norm = _dot([p.detach() for p in params], [p.detach() for p in params]) ** 0.5

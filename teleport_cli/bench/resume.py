@@ -32,7 +32,7 @@ from ..config import TeleportConfig
 from ..data.tensors import TensorData
 from ..models.builtin import MLP
 from ..nullspace.layers import weight_blocks
-from ..nullspace.losses import LOSS_FUNCTIONS, target_count
+from ..nullspace.losses import LOSS_FUNCTIONS
 from ..nullspace.selection import find_layers
 from ..pipeline import teleport
 from .settings import BenchSettings
@@ -58,11 +58,10 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def _mean_loss(model: nn.Module, data: TensorData, loss_fn: Callable, batch: int = 512) -> float:
-    total, n = 0.0, 0
+    total = 0.0
     for x, y in data.batches(batch, next(model.parameters()).device):
         total += float(loss_fn(model(x), y))
-        n += target_count(y)
-    return total / max(n, 1)
+    return total / len(data)
 
 
 def resume(
@@ -98,7 +97,7 @@ def resume(
         idx = order[k * b : (k + 1) * b]
         x, y = train.inputs[idx].to(device), train.targets[idx].to(device)
         opt.zero_grad()
-        loss = loss_fn(model(x), y) / max(target_count(y), 1)  # loss functions sum over the counted targets
+        loss = loss_fn(model(x), y) / x.shape[0]  # loss functions sum per-sample losses
         loss.backward()
         opt.step()
         run.train.append(float(loss.detach()))

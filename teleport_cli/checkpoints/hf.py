@@ -6,7 +6,9 @@ A transformers ``config.json`` (it has ``model_type``; timm's has ``architecture
 recorded in the layout as ``transformers`` (``architecture``, ``model_type``, ``task``) for
 :mod:`teleport_cli.models.transformers_adapter` to rebuild; its ``loss`` is ``lm`` for causal
 and masked language models, ``ce`` for classifiers. Tied keys the folder leaves out (GPT-2's
-``lm_head.weight``) stay out when written back.
+``lm_head.weight``) stay out when written back, and the weight files keep the input's header
+metadata exactly (``{"format": "pt"}``): the provenance of the teleport goes to
+``teleport.json`` beside them, so that transformers reads the folder as its own.
 
 ``config.json`` names the architecture (``architecture``), its constructor arguments
 (``model_args``, else ``num_classes``) and the preprocessing (``pretrained_cfg``: input size,
@@ -32,6 +34,7 @@ from .torchfile import _is_state_dict, _rebuild, load_pickle, save_pickle
 
 KIND = "hf"
 CONFIG = "config.json"
+PROVENANCE = "teleport.json"  # a transformers folder's provenance record (its weight headers stay as read)
 SAFE = "model.safetensors"
 PICKLE = "pytorch_model.bin"
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -121,6 +124,9 @@ def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Ten
     layout = ckpt.container.layout
     tensors = sets["state_dict"]
     written: set[str] = set()
+    provenance = None
+    if "transformers" in layout:
+        provenance, metadata = metadata, {}
     with staged_folder(out) as tmp:
         if "sharded" in layout:
             write_shards(tmp, layout["sharded"], tensors, metadata)
@@ -131,4 +137,7 @@ def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Ten
         if "pickle" in layout["files"]:
             save_pickle(_rebuild(layout["pickle_type"], tensors, layout["pickle_metadata"]), tmp / PICKLE)
             written.add(PICKLE)
+        if provenance is not None:
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            written.add(PROVENANCE)
         copy_others(Path(ckpt.path), tmp, written)

@@ -2,8 +2,10 @@
 tokenizer, and images through its ``preprocessor_config.json``.
 
 The model (:mod:`teleport_cli.models.transformers_adapter`) takes ``(N, T)`` int64 ids with
-``-1`` at padded positions; targets follow Hugging Face's label conventions, with ``-100``
-(:data:`teleport_cli.nullspace.losses.IGNORE_INDEX`) for every target that is not counted.
+``-1`` at padded positions. Not yet supported: padded or ``-100`` targets for language models
+(the ``lm`` loss divides by samples x T, so a global mean over counted tokens needs the loss
+counts to change first); such files are refused with exit 3. Unpadded causal LM files give
+exactly ``model(input_ids, labels=input_ids).loss`` over the whole set.
 
 Token files (``.safetensors``):
 
@@ -76,11 +78,12 @@ def hf_token_data(tensors: dict[str, torch.Tensor], task: str, source: str, voca
     if labels.shape != ids.shape:
         raise InputError(f"{source}: 'labels' {tuple(labels.shape)} does not match 'input_ids' {tuple(ids.shape)}")
     labels = torch.where(mask, labels, torch.full_like(labels, IGNORE))
-    if task == "causal_lm":
-        targets = torch.full_like(labels, IGNORE)
-        targets[:, :-1] = labels[:, 1:]
-    else:
-        targets = labels
+    if bool((labels == IGNORE).any()):
+        raise InputError(f"{source}: padded or -100 targets are not supported for language models yet",
+                         hint="pass unpadded sequences of one length (input_ids or tokens (N, T + 1))")
+    if task == "causal_lm":  # position t predicts labels[t + 1]: the last position predicts nothing
+        return TensorData(inputs[:, :-1].contiguous(), labels[:, 1:].contiguous(), source)
+    targets = labels
     if not bool((targets != IGNORE).any()):
         raise InputError(f"{source} has no counted target (every label is -100 or padding)")
     return TensorData(inputs, targets, source)

@@ -28,9 +28,8 @@ from torch import nn
 from ..config import TeleportConfig
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
-from .derivatives import Batches, GradientState, count_samples, full_gradient
+from .derivatives import Batches, GradientState, full_gradient
 from .layers import LayerSpec, from_blocks, layer_weight, weight_blocks
-from .losses import target_count
 from .linesearch import StepLog, backtrack, drift_ok
 from .objectives import GradNormObjective
 
@@ -68,7 +67,7 @@ def _mean_loss(model: nn.Module, batches: Batches, loss_fn: Callable) -> float:
     total, n = 0.0, 0
     for x, y in batches:
         total += float(loss_fn(model(x), y))
-        n += target_count(y)
+        n += int(x.shape[0])
     return total / max(n, 1)
 
 
@@ -116,7 +115,7 @@ def ascend(
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
     wrt = [layer_weight(spec, module) for spec, module in moving]
-    n = count_samples(batches)
+    n = sum(int(x.shape[0]) for x, _ in batches)
 
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm

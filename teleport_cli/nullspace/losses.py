@@ -1,10 +1,7 @@
 """The losses a calibration set is measured with: summed cross-entropy in nats.
 
-Every loss here returns a SUM over the targets of a batch; callers divide by the global target
-count N (:func:`target_count`: samples for ``ce``, next-token targets that are not
-:data:`IGNORE_INDEX` for ``lm``), so the calibration loss is ``L = (1/N) sum_n l(f(x_n), y_n)``
-whatever the batching, and for a language model it is the mean over every counted target of
-the set (the value of Hugging Face's ``model(..., labels=...).loss`` over the whole set).
+Every loss here returns a SUM over the samples of a batch; callers divide by the global sample
+count N, so the calibration loss is ``L = (1/N) sum_n l(f(x_n), y_n)`` whatever the batching.
 """
 
 from __future__ import annotations
@@ -15,14 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-
-IGNORE_INDEX = -100  # targets that count neither in the loss nor in N (padding; PyTorch's and transformers' convention)
-
-
-def target_count(targets: torch.Tensor) -> int:
-    """The number of targets a batch adds to N: every entry that is not :data:`IGNORE_INDEX`
-    (``(N,)`` class targets: N; ``(N, T)`` token targets: the counted tokens)."""
-    return int((targets != IGNORE_INDEX).sum())
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,12 +28,11 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def next_token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``--loss lm``: next-token cross-entropy (nats) summed over the counted targets.
+    """``--loss lm``: summed over sequences, each sequence's mean next-token cross-entropy (nats).
 
-    ``logits`` ``(N, T, V)``, ``targets`` ``(N, T)`` int64 (the input shifted by one token;
-    :data:`IGNORE_INDEX` for padding and masked targets): ``sum_{n,t counted} CE(logits[n, t],
-    targets[n, t])``. Divided by the set's :func:`target_count` this is the mean cross-entropy
-    per counted token over the whole set (not a mean of per-batch means); accuracy is per token.
+    ``logits`` ``(N, T, V)``, ``targets`` ``(N, T)`` int64 (the input shifted by one token):
+    ``sum_n (1/T) sum_t CE(logits[n, t], targets[n, t])``. Divided by N (as every loss here is)
+    this is the mean cross-entropy per token; accuracy is then per token.
 
     Raises:
         InputError: logits not ``(N, T, V)`` or targets not ``(N, T)``.
@@ -56,7 +44,7 @@ def next_token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) ->
         )
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / targets.shape[1]
 
 
 LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": cross_entropy_sum, "lm": next_token_cross_entropy_sum}

@@ -16,7 +16,6 @@ from ..errors import InputError
 from ..records import SetCheck
 from .derivatives import Batches
 from .linesearch import drift_ok
-from .losses import IGNORE_INDEX, target_count
 
 # A run-to-run loss difference above this share of the loss cannot come from floating-point
 # reordering: something random runs in the forward pass.
@@ -41,7 +40,7 @@ def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source:
     total, n = 0.0, 0
     for x, y in batches:
         total += float(loss_fn(forward_checked(model, x, source), y))
-        n += target_count(y)
+        n += int(x.shape[0])
     return total / max(n, 1)
 
 
@@ -57,7 +56,7 @@ def check_targets(model: nn.Module, data, source: str) -> None:
     with torch.no_grad():
         classes = int(forward_checked(model, x, source).shape[-1])
     y = data.targets
-    bad = ((y < 0) & ((y != IGNORE_INDEX) | (y.ndim < 2))) | (y >= classes)  # token targets may be ignored (-100)
+    bad = (y < 0) | (y >= classes)
     if bool(bad.any()):
         first = int(y[bad].reshape(-1)[0])
         raise InputError(
@@ -103,7 +102,7 @@ def compare(
 ) -> SetCheck:
     """Run both models on every batch and compare loss, logits and accuracy (streaming)."""
     loss0 = loss1 = 0.0
-    correct0 = correct1 = n = labels = 0  # n: samples; labels: counted targets (tokens for lm), what the losses are divided by
+    correct0 = correct1 = n = labels = 0  # n: samples (losses are per sample); labels: targets (tokens for lm)
     max_diff = max_logit = 0.0
     for x, y in batches:
         a = forward_checked(original, x, name).float()
@@ -115,8 +114,8 @@ def compare(
         max_diff = max(max_diff, float((a - b).abs().max()))
         max_logit = max(max_logit, float(a.abs().max()))
         n += int(x.shape[0])
-        labels += target_count(y)
-    loss0, loss1 = loss0 / labels, loss1 / labels
+        labels += int(y.numel())
+    loss0, loss1 = loss0 / n, loss1 / n
     return SetCheck(
         name=name,
         samples=n,
