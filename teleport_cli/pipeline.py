@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .audit.survey import no_layer_reason
 from .audit.survey import summarise as _summaries
 from .checkpoints.containers import check_output_for, read_checkpoint, write_checkpoint
 from .checkpoints.options import FileOptions
@@ -388,6 +389,13 @@ def apply(
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
     outcome.batch = batch
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model, batch_size=config.batch_size)
+    why = no_layer_reason(outcome.layers) if outcome.stats.steps_accepted == 0 else None
+    if why is not None:
+        raise NoStepAccepted(
+            f"no layer can be teleported, at any tau: {why}",
+            hint="only plain nn.Linear/nn.Conv (and transformers Conv1D) weights that are trainable and untied move; see teleport inspect",
+            result=result,
+        )
     if outcome.stats.steps_accepted == 0:
         raise NoStepAccepted(
             f"no teleport step was accepted ({outcome.stats.stop_reason}): the weights did not move",

@@ -37,7 +37,7 @@ def summarise(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...
         if acc.calls == 0:
             reason = DEAD
         elif not acc.plain:
-            func = "F.linear" if spec.kind.startswith(("linear", "mha")) else f"F.{spec.kind}"
+            func = "F.linear" if spec.kind.startswith(("linear", "mha", "hf_conv1d")) else f"F.{spec.kind}"
             reason = f"output is not {func} of its input and stored weight (relative error {acc.plain_error:.2g})"
         elif basis is not None and basis.null_dim == 0:
             reason = "null space is empty at this tau"
@@ -51,6 +51,24 @@ def summarise(layers, excluded, accs, bases, changes) -> tuple[LayerSummary, ...
     for ex in excluded:
         out.append(LayerSummary(ex.name, ex.kind, 0, 0, 1, 0, 0, 0, False, ex.reason))
     return tuple(out)
+
+
+def no_layer_reason(layers: tuple[LayerSummary, ...]) -> str | None:
+    """Why no layer can move at any tau (None when some layer has, or at a lower tau could
+    have, a null space): the kinds found and each distinct reason, with counts."""
+    if any(not l.reason or l.reason == "null space is empty at this tau" for l in layers):
+        return None
+    if not layers:
+        return "the model has no module with parameters"
+    kinds: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for l in layers:
+        kinds[l.kind] = kinds.get(l.kind, 0) + 1
+        generic = l.reason.split(" (")[0] if l.reason.startswith(("output is not", "normalisation", "embedding")) else l.reason
+        reasons[generic] = reasons.get(generic, 0) + 1
+    found = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    why = "; ".join(f"{r} ({n})" for r, n in list(reasons.items())[:6])
+    return f"found {found}; none is a Linear/Conv layer whose weight may move: {why}"
 
 
 @dataclass

@@ -1,6 +1,14 @@
-"""Hugging Face style folders as timm's ``save_for_hf`` writes them: ``config.json`` plus
-``model.safetensors`` (or a sharded ``model.safetensors.index.json``) and/or
-``pytorch_model.bin``.
+"""Hugging Face style folders: ``config.json`` plus ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``) and/or ``pytorch_model.bin``, as timm's ``save_for_hf`` and
+transformers' ``save_pretrained`` write them.
+
+A transformers ``config.json`` (it has ``model_type``; timm's has ``architecture``) is
+recorded in the layout as ``transformers`` (``architecture``, ``model_type``, ``task``) for
+:mod:`teleport_cli.models.transformers_adapter` to rebuild; its ``loss`` is ``lm`` for causal
+and masked language models, ``ce`` for classifiers. Tied keys the folder leaves out (GPT-2's
+``lm_head.weight``) stay out when written back, and the weight files keep the input's header
+metadata exactly (``{"format": "pt"}``): the provenance of the teleport goes to
+``teleport.json`` beside them, so that transformers reads the folder as its own.
 
 ``config.json`` names the architecture (``architecture``), its constructor arguments
 (``model_args``, else ``num_classes``) and the preprocessing (``pretrained_cfg``: input size,
@@ -33,9 +41,29 @@ from .torchfile import _is_state_dict, _rebuild, load_pickle, save_pickle
 
 KIND = "hf"
 CONFIG = "config.json"
+PROVENANCE = "teleport.json"  # a transformers folder's provenance record (its weight headers stay as read)
 SAFE = "model.safetensors"
 PICKLE = "pytorch_model.bin"
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+TASK_SUFFIXES = (
+    ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"), ("ForSequenceClassification", "sequence_classification"),
+    ("ForImageClassification", "image_classification"), ("ForMaskedLM", "masked_lm"),
+)
+
+
+def transformers_info(config: dict) -> dict | None:
+    """``{"architecture", "model_type", "task"}`` of a transformers ``config.json``, else None.
+
+    ``task`` is None when ``architectures`` names no causal LM, classifier or masked LM.
+    """
+    if "architecture" in config or not isinstance(config.get("model_type"), str):
+        return None
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    task = next((t for suffix, t in TASK_SUFFIXES if arch and arch.endswith(suffix)), None)
+    return {"architecture": arch, "model_type": config["model_type"], "task": task}
 
 
 def metadata_from_config(config: dict) -> dict[str, str]:
@@ -93,7 +121,13 @@ def read(path: str | Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
         tensors = dict(obj)  # the pickle keeps key order, strides and ties; the values are the same
     ws = WeightSet.from_tensors("state_dict", tensors, str(path))
     check_finite(ws, str(path))
-    return LoadedCheckpoint(str(path), Container(KIND, True, layout), metadata_from_config(config), sha256_folder(folder), {"state_dict": ws})
+    metadata = metadata_from_config(config)
+    info = transformers_info(config)
+    if info is not None:
+        layout["transformers"] = info
+        metadata = {"arch": info["architecture"] or info["model_type"], "model_kwargs": "{}",
+                    "loss": "lm" if info["task"] in ("causal_lm", "masked_lm") else "ce"}
+    return LoadedCheckpoint(str(path), Container(KIND, True, layout), metadata, sha256_folder(folder), {"state_dict": ws})
 
 
 def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Tensor]], entries: dict, metadata: dict[str, str], *, force: bool = False) -> None:
@@ -102,6 +136,9 @@ def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Ten
     layout = ckpt.container.layout
     tensors = sets["state_dict"]
     written: set[str] = set()
+    provenance = None
+    if "transformers" in layout:
+        provenance, metadata = metadata, {}
     with staged_folder(out, force=force) as tmp:
         if "sharded" in layout:
             write_shards(tmp, layout["sharded"], tensors, metadata)
@@ -112,4 +149,7 @@ def write(ckpt: LoadedCheckpoint, out: Path, sets: dict[str, dict[str, torch.Ten
         if "pickle" in layout["files"]:
             save_pickle(_rebuild(layout["pickle_type"], tensors, layout["pickle_metadata"]), tmp / PICKLE)
             written.add(PICKLE)
+        if provenance is not None:
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            written.add(PROVENANCE)
         copy_others(Path(ckpt.path), tmp, written)

@@ -8,6 +8,9 @@ a folder                                    image folder (:mod:`teleport_cli.dat
 ``.safetensors`` with ``inputs``/``targets``  tensor file (:mod:`teleport_cli.data.tensors`)
 ``.txt``                                    text with the checkpoint's vocabulary
 ==========================================  ================================================
+
+For a transformers model (one with ``hf_task``), token files, text and image folders are read
+by :mod:`teleport_cli.data.transformers_data` (its tokenizer, its preprocessor, HF labels).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def load_data(path: str | Path, data_config: dict | None = None, model: nn.Modul
         InputError: a missing path, an unknown kind, or a malformed file.
     """
     p = Path(path)
+    if getattr(model, "hf_task", None) is not None:
+        return _load_transformers(p, model, what)
     if p.is_dir():
         data, cfg = load_image_folder(p, data_config, model, what=what)
         return LoadedData(data, "image_folder", cfg)
@@ -68,6 +73,25 @@ def load_data(path: str | Path, data_config: dict | None = None, model: nn.Modul
     if "tokens" in tensors:
         vocab = (data_config or {}).get("vocab")
         return LoadedData(tokens_to_data(tensors["tokens"], f"{what} file {path}", len(vocab) if isinstance(vocab, str) else None), "tokens")
+    return LoadedData(tensor_data_from(tensors, p, what=what), "tensors")
+
+
+def _load_transformers(p: Path, model: nn.Module, what: str) -> LoadedData:
+    from . import transformers_data as td
+
+    if p.is_dir() and (Path(model.hf_folder) / "preprocessor_config.json").is_file():
+        data, cfg = td.hf_image_data(p, model, what=what)
+        return LoadedData(data, "image_folder", cfg)
+    if p.suffix == ".txt":
+        if not p.exists():
+            raise InputError(f"{what} file {p} does not exist", hint="check the path")
+        return LoadedData(td.hf_text_data(p, model, what=what), "text")
+    if p.is_dir():
+        raise InputError(f"{what} folder {p}: {model.hf_folder} has no preprocessor_config.json to read images with")
+    tensors, _ = read_tensor_file(p, what=what)
+    if "input_ids" in tensors or "tokens" in tensors:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return LoadedData(td.hf_token_data(tensors, model.hf_task, f"{what} file {p}", vocab), "tokens")
     return LoadedData(tensor_data_from(tensors, p, what=what), "tensors")
 
 

@@ -1,7 +1,9 @@
 """Checkpoint to loaded model: build the architecture, load one weight set strictly.
 
 The same reading for ``apply``, ``report``, ``inspect`` and ``bench``: any container of
-:mod:`teleport_cli.checkpoints`, wrapper prefixes removed, tied weights filled in.
+:mod:`teleport_cli.checkpoints`, wrapper prefixes removed, tied weights filled in. A
+transformers folder is rebuilt from its own ``config.json``
+(:mod:`teleport_cli.models.transformers_adapter`), with no flags.
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ def load_weights(ckpt, files, *, like: dict | None = None, model_spec: str | Non
             checkpoint without EMA weights, EMA weights to re-seed that do not fit.
     """
     chosen = plan(ckpt, files)
-    if module is None:
+    hf = ckpt.container.layout.get("transformers") if ckpt.container.layout else None
+    if module is None and model_spec is None and hf is not None:
+        from .transformers_adapter import build_transformers_model
+
+        choice = ModelChoice(build_transformers_model(ckpt.path, hf), ckpt.metadata["arch"], {}, "transformers config")
+    elif module is None:
         choice = choose_model(ckpt.metadata if like is None else like, ckpt.path, model_spec, model_kwargs)
     else:
         choice = ModelChoice(module, ckpt.metadata.get("arch"), ckpt.metadata.get("model_kwargs"), "module")

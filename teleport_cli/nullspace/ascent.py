@@ -33,7 +33,7 @@ from .bases import LayerBasis
 from .derivatives import Batches, GradientState, full_gradient
 from .guard import Guard
 from .hvp import full_precision_matmul
-from .layers import LayerSpec, layer_weight, weight_blocks
+from .layers import LayerSpec, from_blocks, layer_weight, weight_blocks
 from .linesearch import StepLog, backtrack, drift_ok
 from .objectives import GradNormObjective
 
@@ -84,7 +84,7 @@ def _mean_loss(model: nn.Module, batches: Batches, loss_fn: Callable) -> float:
 
 
 def _project(spec: LayerSpec, bases: dict[str, LayerBasis], t: torch.Tensor) -> torch.Tensor:
-    return bases[spec.name].project(weight_blocks(spec, t)).reshape(t.shape)
+    return from_blocks(spec, bases[spec.name].project(weight_blocks(spec, t)), t.shape)
 
 
 def ascend(

@@ -6,7 +6,10 @@ first batch each layer is also checked to be a plain linear map of its input: it
 equal ``F.linear``/``F.conv1d/2d/3d`` of the captured input with its stored weight and bias, so
 that subclasses that transform the weight or the input inside ``forward`` are never teleported.
 ``nn.MultiheadAttention`` is captured through one hook on the attention module
-(:mod:`teleport_cli.nullspace.attention`). Every hook handle is removed when the context exits, also on
+(:mod:`teleport_cli.nullspace.attention`). A model with a ``token_mask(x)`` method (the
+transformers adapter: ``(N, T)`` bool, False at padded positions) has the rows of padded
+tokens left out of every Gram whose input is ``(N, T, d)``: padded positions count neither in
+the loss nor in the Grams. Every hook handle is removed when the context exits, also on
 error.
 """
 
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import make_attention_hook
-from .layers import LayerSpec, input_rows, reference_output, token_rows
+from .layers import LINEAR_KINDS, LayerSpec, input_rows, reference_output, token_rows
 
 PLAIN_RTOL = 1e-4
 
@@ -64,9 +67,13 @@ def _check_plain(spec: LayerSpec, module: nn.Module, x: torch.Tensor, y: torch.T
 
 
 @contextlib.contextmanager
-def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, GramAccumulator]]:
-    """Register Gram-accumulating forward hooks on ``layers``; yields name -> accumulator."""
+def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]], token_mask: dict | None = None) -> Iterator[dict[str, GramAccumulator]]:
+    """Register Gram-accumulating forward hooks on ``layers``; yields name -> accumulator.
+
+    ``token_mask["mask"]``, when set, is the current batch's ``(N, T)`` bool mask of real tokens.
+    """
     accs: dict[str, GramAccumulator] = {}
+    token_mask = token_mask if token_mask is not None else {}
     handles = []
 
     def make_hook(acc: GramAccumulator) -> Callable:
@@ -76,6 +83,9 @@ def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]]) -> Iterator[dict[str, 
                 acc.plain_error = _check_plain(acc.spec, module, x, output.detach())
                 acc.plain = acc.plain_error <= PLAIN_RTOL
             rows = input_rows(acc.spec, module, x).to(torch.float64)
+            mask = token_mask.get("mask")
+            if mask is not None and not x.is_nested and acc.spec.kind in LINEAR_KINDS and tuple(x.shape[:-1]) == tuple(mask.shape):
+                rows = rows[:, mask.reshape(-1)]
             if acc.gram is None:
                 acc.gram = torch.zeros(acc.spec.groups, acc.spec.d_in, acc.spec.d_in, dtype=torch.float64, device=x.device)
             acc.gram += torch.bmm(rows.transpose(1, 2), rows)
@@ -120,8 +130,11 @@ def capture_grams(
         name -> accumulator with ``gram`` ``(groups, d_in, d_in)`` float64 (on the inputs' device), the number of
         rows, the number of hook calls (0 means a dead branch) and the plain-map check.
     """
-    with torch.no_grad(), gram_hooks(layers) as accs:
+    masking = getattr(model, "token_mask", None)
+    current: dict = {}
+    with torch.no_grad(), gram_hooks(layers, current) as accs:
         for x, _ in batches:
+            current["mask"] = masking(x) if callable(masking) else None
             model(x)
             if on_batch is not None:
                 on_batch(int(x.shape[0]))

@@ -7,6 +7,13 @@ layer sees them (arXiv:2502.11362, Sec. 3; design notes, Sec. 2). Grouped convs 
 per group: weight ``(groups, C_out/groups, C_in/groups * prod(kernel))`` and rows
 ``(groups, N * L, C_in/groups * prod(kernel))``.
 
+Hugging Face's ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) computes ``y = x W + b``
+with W stored ``d_in x d_out`` (the transpose of ``nn.Linear``'s): it is kind ``hf_conv1d``, a
+linear layer whose ``d_out x d_in`` weight is ``W^T``; :func:`weight_blocks` and
+:func:`from_blocks` move between the stored tensor and that view, so the null-space move of
+``W^T`` is written back as the move of W. It is recognised by its class name and attributes
+(``nf``, a 2-D ``weight``), without importing transformers, and checked at capture time.
+
 ``nn.MultiheadAttention`` keeps its q/k/v projection as a bare parameter and never calls its
 ``out_proj`` as a module; :mod:`teleport_cli.nullspace.attention` describes and captures it.
 """
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+LINEAR_KINDS = ("linear", "hf_conv1d")  # a linear map of each token's features
 CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
@@ -73,10 +81,18 @@ def layer_weight(spec: LayerSpec, module: nn.Module) -> torch.Tensor:
     return module.get_parameter(spec.param)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D``: ``y = x W + b`` with a 2-D weight ``d_in x nf``."""
+    w = module._parameters.get("weight")
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and w is not None and w.ndim == 2
+
+
 def _kind_of(module: nn.Module) -> str | None:
     for cls, kind in KINDS.items():
         if isinstance(module, cls):
             return kind
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
     return None
 
 
@@ -85,6 +101,8 @@ def spec_of(name: str, module: nn.Module) -> LayerSpec:
     kind = _kind_of(module)
     if kind == "linear":
         return LayerSpec(name, kind, 1, module.in_features, module.out_features)
+    if kind == "hf_conv1d":
+        return LayerSpec(name, kind, 1, int(module.weight.shape[0]), int(module.weight.shape[1]))
     if kind is not None:
         g = module.groups
         k = int(torch.tensor(module.kernel_size).prod())
@@ -146,7 +164,7 @@ def input_rows(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Ten
     Returns:
         ``(groups, rows, d_in)`` in x's dtype.
     """
-    if spec.kind == "linear":
+    if spec.kind in LINEAR_KINDS:
         return token_rows(x).unsqueeze(0)
     if x.dim() == len(module.kernel_size) + 1:  # unbatched input
         x = x.unsqueeze(0)
@@ -155,14 +173,27 @@ def input_rows(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Ten
 
 
 def weight_blocks(spec: LayerSpec, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as ``(groups, d_out, d_in)`` blocks (a view when the weight is contiguous)."""
+    """The weight as ``(groups, d_out, d_in)`` blocks (a view when the weight is contiguous;
+    for ``hf_conv1d`` the transpose of the stored ``d_in x d_out`` tensor, also a view)."""
+    if spec.kind == "hf_conv1d":
+        return weight.t().unsqueeze(0)
     return weight.reshape(spec.groups, spec.d_out, spec.d_in)
+
+
+def from_blocks(spec: LayerSpec, blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`weight_blocks`: ``(groups, d_out, d_in)`` blocks as a tensor of the
+    stored weight's ``shape``."""
+    if spec.kind == "hf_conv1d":
+        return blocks[0].t()
+    return blocks.reshape(shape)
 
 
 def reference_output(spec: LayerSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the layer computes if it is a plain linear map of x with its stored weight and bias."""
     if spec.kind == "linear":
         return F.linear(token_rows(x) if x.is_nested else x, module.weight, module.bias)
+    if spec.kind == "hf_conv1d":
+        return F.linear(x, module.weight.t(), module.bias)
     xp, padding = _conv_padded_input(module, x)
     conv = CONV_FUNCTIONS[spec.kind]
     return conv(xp, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
