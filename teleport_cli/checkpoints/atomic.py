@@ -169,6 +169,24 @@ def _default_mode(path: Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def _begin(path: str | Path) -> tuple[Path, Path, int, Path]:
+    """What every atomic write starts with: check the name, remove stale temporaries beside it,
+    create a locked temporary folder. Returns (out, its folder, the lock's fd, the temporary).
+
+    Raises:
+        OutputError: the name is too long for its temporary, or the temporary cannot be made.
+    """
+    out = Path(path)
+    parent = folder_of(out)
+    check_name_length(out)
+    remove_stale(parent)
+    try:
+        fd, tmp = locked_temp_folder(out)
+    except OSError as e:
+        raise _fail(out, e) from None
+    return out, parent, fd, tmp
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None], *, force: bool = False) -> None:
     """Call ``write(tmp)`` for a path in a locked temporary folder beside ``path``, fsync, publish.
 
@@ -179,14 +197,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None], *, force:
         OutputError: the name is too long, something appeared at ``path`` (without ``force``),
             or the write, fsync or rename fails (the temporary file is removed).
     """
-    out = Path(path)
-    parent = folder_of(out)
-    check_name_length(out)
-    remove_stale(parent)
-    try:
-        fd, box = locked_temp_folder(out)
-    except OSError as e:
-        raise _fail(out, e) from None
+    out, parent, fd, box = _begin(path)
     tmp = box / out.name
     try:
         write(tmp)
@@ -216,14 +227,7 @@ def staged_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         OutputError: the name is too long, something appeared at ``path`` (without ``force``),
             or a write or rename fails.
     """
-    out = Path(path)
-    parent = folder_of(out)
-    check_name_length(out)
-    remove_stale(parent)
-    try:
-        fd, tmp = locked_temp_folder(out)
-    except OSError as e:
-        raise _fail(out, e) from None
+    out, _, fd, tmp = _begin(path)
     try:
         yield tmp
         _default_mode(tmp, folder=True)
