@@ -11,6 +11,7 @@ The package follows the pipeline, one subpackage per stage or role, each importi
 before it (``tests/test_structure.py`` holds the order)::
 
     errors, records, config      the exception family, frozen records, the options object
+    parallel/                    torchrun's process group, shards, all-reduces (a no-op alone)
     checkpoints/                 load and save: every container, training state, atomic writes
     data/                        calibration and held-out sets: tensors, images, tokens
     models/                      architecture to nn.Module, strict loading, built-in models

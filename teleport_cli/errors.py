@@ -35,6 +35,7 @@ EXIT_BAD_INPUT = 3
 EXIT_VERIFICATION_FAILED = 4
 EXIT_NO_STEP = 5
 EXIT_OUTPUT = 6
+EXIT_PEER = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -92,3 +93,9 @@ class ConfigError(TeleportError):
     """An option value out of its range (exit code 2, like click's usage errors)."""
 
     exit_code = EXIT_USAGE
+
+
+class PeerFailed(TeleportError):
+    """A collective with the other ranks of a data-parallel job failed or timed out (exit code 7)."""
+
+    exit_code = EXIT_PEER

@@ -17,9 +17,10 @@ PKG = Path(__file__).resolve().parents[1] / "teleport_cli"
 
 # The pipeline, lowest first: a unit may import only units of a lower rank (and itself).
 # This refines the tiers `errors, records, config < checkpoints, data, models < nullspace <
-# baselines, audit < pipeline < bench < cli` into one order: data files are read through the
+# baselines, audit < pipeline < bench < cli` into one order (the process group of data
+# parallelism, ``parallel``, right after the config: every later stage reduces through it): data files are read through the
 # checkpoint I/O (the only importer of safetensors), and models are loaded from checkpoints.
-STAGES = ["errors", "records", "config", "checkpoints", "data", "models", "nullspace", "baselines", "audit",
+STAGES = ["errors", "records", "config", "parallel", "checkpoints", "data", "models", "nullspace", "baselines", "audit",
           "pipeline", "bench", "cli"]
 RANK = {name: i for i, name in enumerate(STAGES)}
 TOP_MODULES = {"__init__", "__main__", "errors", "records", "config", "pipeline"}

@@ -34,6 +34,7 @@ Exit codes:
   6  output refused (exists without --force or appeared meanwhile, is or holds an input,
      another container, folder missing or not writable, name too long, write failed,
      no space left on device)
+  7  another rank of a torchrun job failed or timed out (its own line says why)
 130  interrupted (Ctrl-C; nothing written)
 """
 
