@@ -31,7 +31,7 @@ from .checkpoints.training_state import (
 from .config import TeleportConfig
 from .data.inputs import load_data_inputs
 from .data.tensors import as_tensor_data, split_holdout
-from .errors import NoStepAccepted, VerificationFailed
+from .errors import ConfigError, NoStepAccepted, VerificationFailed
 from .models.device import resolve_device
 from .models.loading import load_weights
 from .nullspace.ascent import ascend, relative_changes
@@ -44,6 +44,10 @@ from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
 from .nullspace.storage_dtype import storage_failure, verify_storage
 from .nullspace.verify import check_targets, compare, noise_floor
+from .nullspace.batching import resolve_batch_size
+from .parallel import group as parallel
+from .parallel.collective import assert_identical, map_by_rank
+from .parallel.shards import shard
 from .records import LayerSummary, TeleportStats, Verification
 
 # on_event(stage, done, total, info): stage is "batch-size", "capture", "bases", "lookahead-lr",
@@ -125,9 +129,12 @@ def teleport(
     event = on_event or (lambda stage, done, total, info: None)
     loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
+    joined = parallel.active() is None and parallel.start(device) is not None  # a caller's group (DDP), or torchrun's
     was_training = model.training
     model.eval()
     try:
+        if parallel.active() is not None and config.method != "nullspace":
+            raise ConfigError(f"--method {config.method} runs in one process only", hint="use --method nullspace under torchrun")
         cal = as_tensor_data(calibration, "calibration data")
         batch = None
         if config.batch_size == "auto":
@@ -139,13 +146,14 @@ def teleport(
         else:
             hold = as_tensor_data(holdout, "held-out data")
             check_targets(model, hold, hold.source)
-        cal_batches = cal.batches(config.batch_size, device)
-        hold_batches = hold.batches(config.batch_size, device)
+        # data parallel: the splits are made on the whole set, then each rank streams its shard
+        cal_batches = shard(cal).batches(config.batch_size, device)
+        hold_batches = shard(hold).batches(config.batch_size, device)
         fit, guard = cal, None
         if config.guard_fraction > 0 and config.method == "nullspace" and len(cal) >= 10:
             fit, guard_data, _ = split_holdout(cal, config.guard_fraction, config.seed + 1)
-            guard = guard_data.batches(config.batch_size, device)
-        fit_batches = fit.batches(config.batch_size, device)
+            guard = shard(guard_data).batches(config.batch_size, device)
+        fit_batches = shard(fit).batches(config.batch_size, device)
 
         _, floor = noise_floor(model, cal_batches, loss_fn, cal.source)
         layers, excluded = find_layers(model)
@@ -158,10 +166,9 @@ def teleport(
         event("capture", 0, len(fit), {})
         accs = capture_grams(model, layers, fit_batches, captured)
         basis_layers = [spec for spec, _ in layers if accs[spec.name].calls > 0 and accs[spec.name].plain]
-        bases = {}
-        for i, spec in enumerate(basis_layers):
-            event("bases", i, len(basis_layers), {})
-            bases[spec.name] = layer_basis(spec.name, accs[spec.name].gram, config.tau)
+        event("bases", 0, len(basis_layers), {})
+        # data parallel: each eigendecomposition on one rank, sent to all (eigh may differ between processes)
+        bases = map_by_rank(lambda name: layer_basis(name, accs[name].gram, config.tau), [s.name for s in basis_layers], device)
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
@@ -208,6 +215,7 @@ def teleport(
             after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
+        assert_identical(list(moved.parameters()))  # data parallel: every rank holds rank 0's weights
         changes = relative_changes(moved, model, [s for s, _ in layers])
         event("ascent", stats.steps_accepted, stats.steps_accepted, {"accepted": stats.steps_accepted, "rejected": stats.steps_rejected,
               "grad_norm_ratio": stats.grad_norm_ratio, "seconds": stats.seconds, "stop_reason": stats.stop_reason})
@@ -239,22 +247,8 @@ def teleport(
         )
     finally:
         model.train(was_training)
-
-
-def resolve_batch_size(model: nn.Module, cal, config: TeleportConfig, event: Progress) -> tuple[TeleportConfig, dict]:
-    """``batch_size="auto"``: measure and pick the batch (:func:`teleport_cli.nullspace.memory.choose_batch_size`).
-
-    Returns the config with the chosen batch size and the choice as a dict (for the JSON and metadata).
-    """
-    from .nullspace.memory import choose_batch_size
-
-    check_targets(model, cal, cal.source)  # the data must fit the model before the probe runs it
-    event("batch-size", 0, 1, {})
-    layers, _ = find_layers(model)
-    choice = choose_batch_size(model, cal, LOSS_FUNCTIONS[config.loss], next(model.parameters()).device,
-                               max_memory=config.max_memory, gram_blocks=[(s.groups, s.d_in) for s, _ in layers])
-    event("batch-size", 1, 1, {"batch_size": choice.batch_size})
-    return config.replace(batch_size=choice.batch_size), choice.to_dict()
+        if joined:  # a group this call joined: left as it was found
+            parallel.finish()
 
 
 @dataclass
@@ -379,6 +373,7 @@ def apply(
     hold = inputs.holdout.data if inputs.holdout is not None else None
     out = check_output_for(ckpt, output, [checkpoint, data, holdout], force)
     device = resolve_device(config.device)
+    parallel.start(device)  # under torchrun: join the group (rank 0 alone writes, below)
     model.to(device)
     batch = None
     if config.batch_size == "auto":  # chosen here: the storage check below batches with it too
@@ -389,6 +384,8 @@ def apply(
     outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
     outcome.batch = batch
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model, batch_size=config.batch_size)
+    if parallel.finish() > 0:  # every decision was rank 0's: it alone checks, writes and reports from here on
+        return result
     why = no_layer_reason(outcome.layers) if outcome.stats.steps_accepted == 0 else None
     if why is not None:
         raise NoStepAccepted(

@@ -71,6 +71,7 @@ def main() -> None:
     enters through ``teleport_cli.__main__:run``, which also covers a Ctrl-C while this
     module's imports load.)"""
     interrupts.install()
+    interrupts.install_torchrun_stop()
     try:
         cli()
     except SystemExit as e:

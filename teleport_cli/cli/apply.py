@@ -110,8 +110,11 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
           method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
+    from ..parallel.group import env_rank, env_world_size
     from ..pipeline import apply as run_apply
 
+    worker = env_world_size() > 1 and env_rank() > 0  # torchrun: rank 0 alone prints (and writes)
+    quiet = quiet or worker
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
@@ -131,8 +134,10 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files,
                                model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
     except (VerificationFailed, NoStepAccepted) as e:
+        if worker:  # rank 0 reports the outcome
+            return
         if e.result is not None:
-            doc = e.result.to_dict()
+            doc = {**e.result.to_dict(), "exit_code": e.exit_code}
             try:
                 doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs, force)
             except TeleportError as e2:
@@ -141,7 +146,9 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         fail(e)
     except TeleportError as e:
         fail(e)
-    doc = result.to_dict()
+    if worker:
+        return
+    doc = {**result.to_dict(), "exit_code": 0}  # torchrun turns any worker's exit code into its own 1
     try:
         doc["report"] = _write_report(report_out, result, data, holdout, config, inputs, force)
     except TeleportError as e:

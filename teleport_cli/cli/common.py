@@ -200,7 +200,10 @@ def fail(err: TeleportError) -> None:
 
     if interrupts.seen():
         interrupts.exit_interrupted()
-    stderr_console().print(Text.assemble(("error: ", "bold red"), err.one_line()), soft_wrap=True)
+    from ..parallel.group import env_rank, env_world_size
+
+    where = f"rank {env_rank()}: " if env_world_size() > 1 else ""  # torchrun: each rank's own line says which
+    stderr_console().print(Text.assemble((f"{where}error: ", "bold red"), err.one_line()), soft_wrap=True)
     sys.exit(err.exit_code)
 
 

@@ -80,6 +80,23 @@ def install() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
 
 
+def _on_sigterm(signum, frame) -> None:
+    from ..errors import PeerFailed
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise PeerFailed("stopped by torchrun (SIGTERM): another rank failed", hint="that rank's own line says why")
+
+
+def install_torchrun_stop() -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1): the SIGTERM torchrun sends every rank once another
+    has failed becomes :class:`~teleport_cli.errors.PeerFailed`, so that this rank too ends in one
+    line naming it (exit 7), after the ``finally`` blocks that remove temporary files ran."""
+    from ..parallel.group import env_world_size
+
+    if env_world_size() > 1:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def seen() -> bool:
     """Whether a SIGINT arrived in this process since :func:`install`."""
     return bool(SEEN)

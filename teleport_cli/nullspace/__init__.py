@@ -12,6 +12,7 @@ Named ``nullspace`` rather than ``teleport``: ``teleport_cli.teleport`` is the l
 ``derivatives``    gradients and Hessian-vector products over the calibration set
 ``hvp``            Hessian-vector products by finite differences or double backward (``--hvp``)
 ``memory``         ``--batch-size auto`` under ``--max-memory``
+``batching``       ``--batch-size auto`` for a teleport (the smallest choice over ranks)
 ``objectives``     gradient norm, and the registry of objectives
 ``lookahead``      the loss after k virtual SGD steps
 ``trace``          Hutchinson's Hessian trace (minimised)

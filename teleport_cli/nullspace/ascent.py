@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..config import TeleportConfig
+from ..parallel.collective import agree, all_reduce_sum, broadcast_
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
-from .derivatives import Batches, GradientState, full_gradient
+from .derivatives import Batches, GradientState, count_samples, full_gradient
 from .guard import Guard
 from .hvp import full_precision_matmul
 from .layers import LayerSpec, from_blocks, layer_weight, weight_blocks
@@ -48,7 +49,7 @@ class _OutOfTime(Exception):
 
 
 def _out_of_time(config: TeleportConfig, start: float) -> bool:
-    return config.max_seconds is not None and time.perf_counter() - start >= config.max_seconds
+    return config.max_seconds is not None and agree(time.perf_counter() - start >= config.max_seconds)  # rank 0's clock
 
 
 def _norm(ts) -> float:
@@ -80,6 +81,7 @@ def _mean_loss(model: nn.Module, batches: Batches, loss_fn: Callable) -> float:
     for x, y in batches:
         total += float(loss_fn(model(x), y))
         n += int(x.shape[0])
+    total, n = all_reduce_sum((), total, n)
     return total / max(n, 1)
 
 
@@ -142,7 +144,7 @@ def ascend(
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
     wrt = [layer_weight(spec, module) for spec, module in moving]
-    n = sum(int(x.shape[0]) for x, _ in batches)
+    n = count_samples(batches)
     hvp = getattr(objective, "hvp", None)
     if hvp is None:
         return _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
@@ -184,8 +186,9 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
         projected = [_project(spec, bases, d) * objective.sign for (spec, _), d in zip(moving, direction)]
         if config.tangent:
             projected = _tangent(projected, moving, bases, state, params, wrt)
+        broadcast_(projected)  # rank 0's step on every rank: the weights stay bit-identical
         pnorm = _norm(projected)
-        if pnorm <= NOISE * _norm(direction):  # nothing but roundoff is left: no freedom
+        if agree(pnorm <= NOISE * _norm(direction)):  # nothing but roundoff is left: no freedom
             stop = "no_freedom"
             break
         current = [w.detach().clone() for w in wrt]
@@ -206,17 +209,17 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
                 raise _OutOfTime
             # the drift gates first, on forward passes only: most rejections end here, before
             # the backward pass the gradient state needs (profiled on test_resnet: 5.5 s -> 4.6 s)
-            if not drift_ok(_mean_loss(model, batches, loss_fn), loss0, config.tolerance, noise_floor):
+            if not agree(drift_ok(_mean_loss(model, batches, loss_fn), loss0, config.tolerance, noise_floor)):
                 return False
             if watch is not None:
                 gate, cand["trusted"] = watch.check(model)
                 if not gate or (guard_rule == "gate" and not cand["trusted"]):
                     return False
             cand["state"] = full_gradient(model, batches, loss_fn, params, n)
-            if not drift_ok(cand["state"].loss, loss0, config.tolerance, noise_floor):
+            if not agree(drift_ok(cand["state"].loss, loss0, config.tolerance, noise_floor)):
                 return False
             cand["score"] = objective.score(model, batches, loss_fn, params, cand["state"], n)
-            return objective.sign * (cand["score"] - score) > 0
+            return agree(objective.sign * (cand["score"] - score) > 0)
 
         try:
             cand, eta, backtracks = backtrack(wrt, propose, accept, eta, config.max_backtracks, log.reject)
@@ -232,7 +235,7 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
         state, score = cand["state"], cand["score"]
         if cand.get("trusted", True):
             kept = (log.accepted + 1, [w.detach().clone() for w in wrt], state, score)
-        if log.accept(eta, state.loss, state.grad_norm, backtracks):
+        if agree(log.accept(eta, state.loss, state.grad_norm, backtracks)):
             stop = "target_ratio"
             break
         if backtracks == 0:

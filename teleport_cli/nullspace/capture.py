@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..parallel.grams import all_reduce_accumulators
 from .attention import make_attention_hook
 from .layers import LINEAR_KINDS, LayerSpec, input_rows, reference_output, token_rows
 
@@ -138,4 +139,5 @@ def capture_grams(
             model(x)
             if on_batch is not None:
                 on_batch(int(x.shape[0]))
+    all_reduce_accumulators(accs)  # data parallel: the Grams of every rank's shard, summed
     return accs

@@ -16,11 +16,14 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..parallel.collective import all_reduce_sum
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def count_samples(batches: Batches) -> int:
-    return sum(int(x.shape[0]) for x, _ in batches)
+    """Samples in ``batches``, summed over the ranks of a data-parallel run."""
+    return int(all_reduce_sum((), float(sum(int(x.shape[0]) for x, _ in batches)))[0])
 
 
 @dataclass
@@ -49,6 +52,7 @@ def full_gradient(model: nn.Module, batches: Batches, loss_fn: Callable, params:
             if g is not None:
                 acc += g
         total += float(loss_b.detach())
+    total, = all_reduce_sum(grads, total)  # data parallel: the sums of every rank's shard
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
     return GradientState(total, grads, norm)
 
@@ -77,6 +81,7 @@ def hessian_vector_product(
     # fused scaled-dot-product attention kernels have no double backward: use the math backend
     with sdpa_kernel([SDPBackend.MATH]):
         _accumulate_hvp(model, batches, loss_fn, params, vector, wrt, n, out)
+    all_reduce_sum(out)
     return out
 
 

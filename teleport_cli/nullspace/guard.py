@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..parallel.collective import agree, all_gather_cat
 from .derivatives import Batches
 from .linesearch import drift_ok
 
@@ -33,12 +34,13 @@ Z = 2.0
 
 @torch.no_grad()
 def sample_losses(model: nn.Module, batches: Batches, loss_fn: Callable) -> torch.Tensor:
-    """Per-sample losses (float64, shape ``N``) of ``loss_fn`` (a summed batch loss), one forward per batch."""
+    """Per-sample losses (float64, shape ``N``) of ``loss_fn`` (a summed batch loss), one forward per batch
+    (data parallel: every rank's shard, in the set's order)."""
     out = []
     for x, y in batches:
         logits = model(x)
         out.extend(float(loss_fn(logits[i:i + 1], y[i:i + 1])) for i in range(int(x.shape[0])))
-    return torch.tensor(out, dtype=torch.float64)
+    return all_gather_cat(torch.tensor(out, dtype=torch.float64))
 
 
 class Guard:
@@ -65,7 +67,8 @@ class Guard:
         """(gate passed, point trusted) for the model's current weights."""
         d = sample_losses(model, self.batches, self.loss_fn) - self.losses0
         gate = drift_ok(self.loss0 + float(d.mean()), self.loss0, self.tolerance, self.noise_floor)
-        return gate, gate and self.trusted(d)
+        gate = agree(gate)  # rank 0's decisions
+        return gate, agree(gate and self.trusted(d))
 
     def trusted(self, d: torch.Tensor) -> bool:
         """The confidence-bound rule on paired per-sample loss changes ``d`` (shape ``n``)."""

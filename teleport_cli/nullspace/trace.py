@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..parallel.collective import all_reduce_sum
 from .derivatives import GradientState
 
 
@@ -52,6 +53,7 @@ class TraceObjective:
                         for acc, d in zip(grads, torch.autograd.grad(quad, wrt, allow_unused=True)):
                             if d is not None:
                                 acc += d
+        total, = all_reduce_sum(grads or (), total)  # data parallel: over every rank's shard
         return total, grads
 
     def score(self, model, batches, loss_fn, params, state: GradientState, n: int) -> float:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..parallel.collective import all_reduce_max, all_reduce_sum
 from ..records import SetCheck
 from .derivatives import Batches
 from .linesearch import drift_ok
@@ -41,6 +42,7 @@ def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source:
     for x, y in batches:
         total += float(loss_fn(forward_checked(model, x, source), y))
         n += int(x.shape[0])
+    total, n = all_reduce_sum((), total, n)  # data parallel: over every rank's shard
     return total / max(n, 1)
 
 
@@ -124,6 +126,9 @@ def compare(
         max_logit = max(max_logit, float(a.abs().max()))
         n += int(x.shape[0])
         labels += int(y.numel())
+    loss0, loss1, correct0, correct1, n, labels = all_reduce_sum((), loss0, loss1, correct0, correct1, n, labels)
+    max_diff, max_logit = all_reduce_max(max_diff, max_logit)
+    n, labels = int(n), int(labels)
     loss0, loss1 = loss0 / n, loss1 / n
     return SetCheck(
         name=name,
