@@ -46,8 +46,9 @@ from .nullspace.storage_dtype import storage_failure, verify_storage
 from .nullspace.verify import check_targets, compare, noise_floor
 from .nullspace.batching import resolve_batch_size
 from .parallel import group as parallel
-from .parallel.collective import assert_identical, map_by_rank
+from .parallel.collective import broadcast_, map_by_rank
 from .parallel.shards import shard
+from .parallel.training import teleported_module
 from .records import LayerSummary, TeleportStats, Verification
 
 # on_event(stage, done, total, info): stage is "batch-size", "capture", "bases", "lookahead-lr",
@@ -109,6 +110,9 @@ def teleport(
     The original model is left unchanged (its training mode is restored on return); the
     teleported copy is in ``outcome.model``. Runs on the device of the model's parameters.
 
+    In a process group (torchrun, DDP) every rank passes the whole calibration set and streams
+    its shard; :mod:`teleport_cli.parallel.training` says what happens to a DDP wrapper.
+
     Args:
         model: a classifier returning ``(N, C)`` logits.
         calibration: :class:`~teleport_cli.data.tensors.TensorData` or ``(inputs, targets)``.
@@ -129,6 +133,7 @@ def teleport(
     event = on_event or (lambda stage, done, total, info: None)
     loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
+    model = teleported_module(model)  # a DDP wrapper's module (docs/scale.md)
     joined = parallel.active() is None and parallel.start(device) is not None  # a caller's group (DDP), or torchrun's
     was_training = model.training
     model.eval()
@@ -146,8 +151,7 @@ def teleport(
         else:
             hold = as_tensor_data(holdout, "held-out data")
             check_targets(model, hold, hold.source)
-        # data parallel: the splits are made on the whole set, then each rank streams its shard
-        cal_batches = shard(cal).batches(config.batch_size, device)
+        cal_batches = shard(cal).batches(config.batch_size, device)  # data parallel: split the whole set, then shard
         hold_batches = shard(hold).batches(config.batch_size, device)
         fit, guard = cal, None
         if config.guard_fraction > 0 and config.method == "nullspace" and len(cal) >= 10:
@@ -215,7 +219,7 @@ def teleport(
             after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
-        assert_identical(list(moved.parameters()))  # data parallel: every rank holds rank 0's weights
+        broadcast_(list(moved.parameters()))  # data parallel: every rank leaves with rank 0's weights
         changes = relative_changes(moved, model, [s for s, _ in layers])
         event("ascent", stats.steps_accepted, stats.steps_accepted, {"accepted": stats.steps_accepted, "rejected": stats.steps_rejected,
               "grad_norm_ratio": stats.grad_norm_ratio, "seconds": stats.seconds, "stop_reason": stats.stop_reason})

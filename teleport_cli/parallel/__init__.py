@@ -8,6 +8,7 @@ rank streams its own shard and one all-reduce per quantity gives every rank the 
 ``group``      the process group: detected from torchrun's environment, started with
                ``gloo`` (CPU) or ``nccl`` (GPU) and a timeout; ``local()`` turns it off
 ``shards``     contiguous shards of an index range, without padding
+``training``   the library API inside a DDP job: ``model.module``, BatchNorm refused in training mode
 ``grams``      the capture's Gram accumulators summed over the shards
 ``collective`` sums (float64 for scalars), maxima, minima, rank 0's decisions, broadcasts,
                gathers; a failed collective becomes :class:`~teleport_cli.errors.PeerFailed`
@@ -38,6 +39,7 @@ _EXPORTS = {
     "broadcast_": ".collective",
     "map_by_rank": ".collective",
     "all_reduce_accumulators": ".grams",
+    "teleported_module": ".training",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
