@@ -51,6 +51,13 @@ def cli() -> None:
     Moves the weights along the loss level set of a calibration set to a point with a larger
     gradient norm, verifies that the loss is unchanged, and writes a new checkpoint.
     """
+    from ..parallel.group import env_rank, env_world_size, run_alone
+
+    ctx = click.get_current_context()
+    if env_world_size() > 1 and ctx.invoked_subcommand != "apply":  # under torchrun only apply is data parallel:
+        if env_rank() > 0:  # rank 0 runs the other commands alone
+            ctx.exit(0)
+        run_alone()
 
 
 from .apply import apply  # noqa: E402

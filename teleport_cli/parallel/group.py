@@ -44,6 +44,7 @@ class ParallelGroup:
 
 _CURRENT: ParallelGroup | None = None
 _LOCAL = [False]
+_ALONE = [False]
 
 
 def env_world_size() -> int:
@@ -96,6 +97,8 @@ def start(device) -> ParallelGroup | None:
     global _CURRENT
     if _CURRENT is not None:
         return _CURRENT
+    if _ALONE[0]:
+        return None
     initialised = False
     if env_world_size() <= 1:
         import sys
@@ -155,6 +158,12 @@ def guarded(call: Callable, timeout: float | None = None):
             f"a collective with the other ranks failed: another rank stopped, or did not answer within {wait:g} s ({first[:200]})",
             hint="the failing rank's own error line names it; TELEPORT_TIMEOUT sets the wait",
         ) from None
+
+
+def run_alone() -> None:
+    """From now on :func:`start` joins no group: this process works alone although torchrun
+    started it (``teleport inspect``, ``report`` and ``bench`` on rank 0, the other ranks gone)."""
+    _ALONE[0] = True
 
 
 @contextlib.contextmanager

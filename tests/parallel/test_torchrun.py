@@ -112,3 +112,11 @@ def test_a_killed_rank_ends_every_rank_with_one_line_and_no_output(tmp_path):
     assert not any("teleport_cli" in line and "File" in line for line in err.splitlines()), err  # no traceback from our code
     assert took < 30, took
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def test_torchrun_inspect_runs_on_rank_0_alone_and_prints_one_document():
+    args = ["inspect", str(MID), "--data", str(CAL), "--json"]
+    one = _run([*SINGLE, *args])
+    two = _run([*torchrun(), *args])
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert json.loads(two.stdout) == json.loads(one.stdout)  # rank 1 printed nothing
