@@ -48,9 +48,9 @@ def all_reduce_sum(tensors: Sequence = (), *scalars: float) -> list[float]:
     for t in tensors:
         if t is not None:
             buckets.setdefault((t.dtype, t.device), []).append(t)
-    for (_, _), ts in buckets.items():
+    for ts in buckets.values():
         flat = torch.cat([t.detach().reshape(-1) for t in ts])
-        guarded(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+        guarded(lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
         offset = 0
         with torch.no_grad():
             for t in ts:
@@ -111,7 +111,7 @@ def broadcast_(tensors: Iterable) -> None:
         buckets.setdefault((t.dtype, t.device), []).append(t)
     for ts in buckets.values():
         flat = torch.cat([t.detach().reshape(-1) for t in ts])
-        guarded(lambda: dist.broadcast(flat, src=0))
+        guarded(lambda flat=flat: dist.broadcast(flat, src=0))
         offset = 0
         with torch.no_grad():
             for t in ts:

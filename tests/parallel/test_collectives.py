@@ -115,3 +115,28 @@ def test_a_rank_that_leaves_ends_the_others_collective_with_one_line_not_a_hang(
     assert second == "left"
     assert first.startswith("a collective with the other ranks failed") and "\n" not in first, first
     assert time.monotonic() - t0 < 50  # not the 60 s timeout
+
+
+def _stalled_peer(rank: int) -> tuple[str, float]:
+    import os
+    import time
+
+    os.environ["TELEPORT_TIMEOUT"] = "3"
+    group.start(torch.device("cpu"))
+    collective.all_reduce_sum([], 1.0)
+    if rank == 1:
+        time.sleep(12)  # alive but silent: a hung rank
+        return "slept", 0.0
+    t0 = time.monotonic()
+    try:
+        collective.agree(True)
+    except PeerFailed as e:
+        return e.one_line(), time.monotonic() - t0
+    return "no error", time.monotonic() - t0
+
+
+def test_a_silent_rank_ends_the_others_wait_after_the_timeout():
+    (first, waited), (second, _) = run(_stalled_peer, 2)
+    assert second == "slept"
+    assert first.startswith("a collective with the other ranks failed") and "within 3 s" in first, first
+    assert 2.5 <= waited < 11, waited  # the 3 s timeout, not the sleep

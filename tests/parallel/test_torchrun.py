@@ -24,7 +24,6 @@ from _ranks import free_port
 from teleport_cli.checkpoints.tensor_files import read_tensor_file
 
 
-
 def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "teleport_cli"]
 
