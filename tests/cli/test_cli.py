@@ -103,7 +103,7 @@ def test_holdout_failure_exits_4_and_writes_nothing(files):
             "-o", out, "--tau", "1", "--step-size", "0.05", "--max-step", "1", "--holdout-tolerance", "1e-3", "--guard-fraction", "0", "--json", "-q")
     assert r.exit_code == 4, r.output
     doc = json.loads(r.stdout)
-    assert doc["verified"] is False and doc["output"] is None
+    assert doc["verified"] is False and doc["output"] is None and doc["exit_code"] == 4  # torchrun would exit 1
     assert doc["calibration"]["passed"] is True and doc["holdout"]["passed"] is False
     assert doc["holdout"]["relative_loss_drift"] > 1e-3
     assert not out.exists()
@@ -268,4 +268,4 @@ def test_no_accepted_step_says_not_verified(files):
     r = run(*_args(files, out, "--tau", "1", "--json", "-q"))
     assert r.exit_code == 5, r.output
     doc = json.loads(r.stdout)
-    assert doc["verified"] is False and doc["output"] is None and doc["steps_accepted"] == 0
+    assert doc["verified"] is False and doc["output"] is None and doc["steps_accepted"] == 0 and doc["exit_code"] == 5
