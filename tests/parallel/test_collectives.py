@@ -117,10 +117,14 @@ def test_a_rank_that_leaves_ends_the_others_collective_with_one_line_not_a_hang(
     assert time.monotonic() - t0 < 50  # not the 60 s timeout
 
 
-def _stalled_peer(rank: int) -> tuple[str, float]:
+def _stalled_peer(rank: int, folder: str) -> tuple[str, float]:
     import os
     import time
+    from pathlib import Path
 
+    (Path(folder) / str(rank)).touch()  # both ranks past their imports before the 3 s clock starts
+    while len(list(Path(folder).iterdir())) < 2:
+        time.sleep(0.05)
     os.environ["TELEPORT_TIMEOUT"] = "3"
     group.start(torch.device("cpu"))
     collective.all_reduce_sum([], 1.0)
@@ -135,8 +139,8 @@ def _stalled_peer(rank: int) -> tuple[str, float]:
     return "no error", time.monotonic() - t0
 
 
-def test_a_silent_rank_ends_the_others_wait_after_the_timeout():
-    (first, waited), (second, _) = run(_stalled_peer, 2)
+def test_a_silent_rank_ends_the_others_wait_after_the_timeout(tmp_path):
+    (first, waited), (second, _) = run(_stalled_peer, 2, str(tmp_path))
     assert second == "slept"
     assert first.startswith("a collective with the other ranks failed") and "within 3 s" in first, first
     assert 2.5 <= waited < 11, waited  # the 3 s timeout, not the sleep
