@@ -39,7 +39,7 @@ from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
 from .nullspace.derivatives import full_gradient
 from .nullspace.hvp import HessianVectorProduct
-from .nullspace.losses import LOSS_FUNCTIONS
+from .nullspace.losses import LOSS_FUNCTIONS, loss_for
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
 from .nullspace.storage_dtype import storage_failure, verify_storage
@@ -123,7 +123,6 @@ def teleport(
     """
     config = config or TeleportConfig()
     event = on_event or (lambda stage, done, total, info: None)
-    loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -139,6 +138,8 @@ def teleport(
         else:
             hold = as_tensor_data(holdout, "held-out data")
             check_targets(model, hold, hold.source)
+        # each set's loss is its own mean (over its counted tokens, for a padded language model)
+        loss_fn, hold_loss_fn = loss_for(config.loss, cal.targets, cal.source), loss_for(config.loss, hold.targets, hold.source)
         cal_batches = cal.batches(config.batch_size, device)
         hold_batches = hold.batches(config.batch_size, device)
         fit, guard = cal, None
@@ -214,7 +215,7 @@ def teleport(
         event("verify", 0, 2, {})
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2, {})
-        check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
+        check_hold = compare(model, moved, hold_batches, hold_loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2, {})
         stable = None
         if config.lr is not None:
