@@ -231,3 +231,15 @@ def test_images_go_through_the_folders_preprocessor_config(tmp_path):
     p = _run("inspect", folder, "--data", tmp_path / "imgs", "--json", "-q")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["samples"] == 6
+
+
+def test_bench_resumes_the_gpt2_sample_with_its_own_loss():
+    folder = SAMPLES / "gpt2_shakespeare"
+    p = _run("bench", folder, "--data", SAMPLES / "gpt2_shakespeare_calibration.safetensors", "--holdout", SAMPLES / "gpt2_shakespeare_holdout.safetensors",
+             "--steps", "10", "--seeds", "1", "--variants", "original", "--json", "-q")
+    assert p.returncode == 0, p.stderr
+    curve = json.loads(p.stdout)["variants"]["original"]["holdout_curve_mean"]
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).double().eval()
+    tokens = load_file(str(SAMPLES / "gpt2_shakespeare_holdout.safetensors"))["tokens"]
+    with torch.no_grad():
+        assert curve[0] == [0, pytest.approx(float(model(input_ids=tokens, labels=tokens).loss), rel=1e-5)]
