@@ -138,7 +138,6 @@ def teleport(
         else:
             hold = as_tensor_data(holdout, "held-out data")
             check_targets(model, hold, hold.source)
-        # each set's loss is its own mean (over its counted tokens, for a padded language model)
         loss_fn, hold_loss_fn = loss_for(config.loss, cal.targets, cal.source), loss_for(config.loss, hold.targets, hold.source)
         cal_batches = cal.batches(config.batch_size, device)
         hold_batches = hold.batches(config.batch_size, device)
