@@ -7,6 +7,10 @@ version). From the repository root::
 
     .venv/bin/python bench/run_all.py            # all cells, then docs/benchmarks.md
     .venv/bin/python bench/run_all.py --only mlp # one checkpoint
+
+A cell that neither this run computed nor the cache holds keeps its section and its row of the
+summary table from the current docs/benchmarks.md, unchanged (``--only gpt2`` on a fresh clone
+adds the GPT-2 cells and leaves the others as they were measured).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -49,6 +54,8 @@ GRID = {
     "vit": ("fmnist_test_vit_mid.safetensors", DATA / "fmnist_train_28.safetensors", DATA / "fmnist_holdout_28.safetensors", 200, OPTIMIZERS, CHEAP),
     "convnext": ("fmnist_test_convnext_mid.safetensors", DATA / "fmnist_train_32.safetensors", DATA / "fmnist_holdout_32.safetensors", 200, OPTIMIZERS, CHEAP),
     "char_lm": ("char_lm_mid.safetensors", DATA / "shakespeare_train.safetensors", S / "shakespeare_holdout.safetensors", 200, OPTIMIZERS, CHEAP),
+    # the transformers sample (GPT2LMHeadModel folder, bytes as tokens); added after the grid above, SGD and Adam only
+    "gpt2": ("gpt2_shakespeare", DATA / "gpt2_shakespeare_train.safetensors", S / "gpt2_shakespeare_holdout.safetensors", 200, ("sgd", "adam"), CHEAP),
 }
 
 
@@ -67,6 +74,17 @@ def shakespeare_train(n: int = 4096) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     save_file({"tokens": torch.stack([train[s : s + cfg["context"] + 1] for s in starts.tolist()]).contiguous()},
               str(DATA / "shakespeare_train.safetensors"))
+
+
+def gpt2_train(n: int = 4096) -> None:
+    """Training windows (65 bytes) from the first 90% of the excerpt's bytes, the GPT-2 sample's training part."""
+    from safetensors.torch import save_file
+
+    ids = torch.tensor(list((S / "shakespeare_excerpt.txt").read_bytes()), dtype=torch.int64)
+    train = ids[: int(0.9 * len(ids))]
+    starts = torch.randperm(len(train) - 65, generator=torch.Generator().manual_seed(123))[:n]
+    DATA.mkdir(parents=True, exist_ok=True)
+    save_file({"tokens": torch.stack([train[s : s + 65] for s in starts.tolist()]).contiguous()}, str(DATA / "gpt2_shakespeare_train.safetensors"))
 
 
 def fmnist_tensors() -> None:
@@ -98,12 +116,12 @@ def run_cell(name: str, optimizer: str, config: TeleportConfig) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     ckpt_file, train_file, hold_file, k, _, variants = GRID[name]
-    model = load_model(S / ckpt_file)[0]
+    model, ckpt, _, _ = load_model(S / ckpt_file)
     if not Path(train_file).exists():
-        shakespeare_train() if name == "char_lm" else fmnist_tensors()
+        {"char_lm": shakespeare_train, "gpt2": gpt2_train}.get(name, fmnist_tensors)()
     train = load_data(train_file, what="training").data
     hold = load_data(hold_file, what="held-out").data
-    if name == "char_lm":
+    if name == "char_lm" or ckpt.metadata.get("loss") == "lm":
         config = config.replace(loss="lm")
     settings = BenchSettings(optimizer=optimizer, lr=LR[optimizer], steps=k, seeds=SEEDS, holdout_every=max(1, k // 20), variants=variants)
     start = time.perf_counter()
@@ -122,7 +140,23 @@ def fmt(mean, std=None, digits=3):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-NAMES = {"mlp": "MLP", "resnet": "test_resnet", "vit": "test_vit", "convnext": "test_convnext", "char_lm": "char_lm"}
+NAMES = {"mlp": "MLP", "resnet": "test_resnet", "vit": "test_vit", "convnext": "test_convnext", "char_lm": "char_lm", "gpt2": "GPT-2 (transformers)"}
+
+
+def previous_cells(path: Path = DOCS / "benchmarks.md") -> tuple[dict[tuple[str, str], tuple[str, str]], float]:
+    """The current page's (summary row, section) per cell, and its run-time figure in minutes."""
+    if not path.exists():
+        return {}, 0.0
+    text = path.read_text()
+    minutes = re.search(r"Run time of all cells \(each computed once, then cached\): (\d+(?:\.\d+)?) min", text)
+    out = {}
+    for name, (_, _, _, _, opts, _) in GRID.items():
+        for opt in opts:
+            row = re.search(rf"^\| {re.escape(NAMES.get(name, name))}, {opt} \|.*$", text, re.M)
+            sec = re.search(rf"^## {re.escape(name)}, {opt} \(.*?(?=^## |\Z)", text, re.M | re.S)
+            if row and sec:
+                out[(name, opt)] = (row.group(0), sec.group(0).rstrip("\n") + "\n")
+    return out, float(minutes.group(1)) if minutes else 0.0
 
 
 def own_ratio(doc: dict) -> float | None:
@@ -133,11 +167,16 @@ def own_ratio(doc: dict) -> float | None:
     return None if own is None else own / k
 
 
-def summary_table(cells: dict[tuple[str, str], dict]) -> str:
-    """The findings' overview: steps_to_target_ratio of the main variants per cell (mean over seeds)."""
+def summary_table(cells: dict[tuple[str, str], dict], kept: dict | None = None) -> str:
+    """The findings' overview: steps_to_target_ratio of the main variants per cell (mean over seeds);
+    ``kept`` cells (not computed now) keep their row of the current page."""
     rows = ["| checkpoint, optimizer | null-space teleport | random null-space move | level-set | original touches its own final loss at | final loss: original → teleported |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for (name, opt), doc in cells.items():
+    for key in _order(cells, kept):
+        if key not in cells:
+            rows.append(kept[key][0])
+            continue
+        (name, opt), doc = key, cells[key]
         v = doc["variants"]
         r = [fmt(v[x].get("steps_to_target_ratio"), digits=2) if x in v else "-" for x in ("nullspace", "random", "levelset")]
         rows.append(f"| {NAMES.get(name, name)}, {opt} | {' | '.join(r)} | {fmt(own_ratio(doc), digits=2)} | "
@@ -145,13 +184,22 @@ def summary_table(cells: dict[tuple[str, str], dict]) -> str:
     return "\n".join(rows)
 
 
+def _order(cells: dict, kept: dict | None) -> list[tuple[str, str]]:
+    """Cells in grid order: those computed now and those kept from the current page."""
+    return [(n, o) for n, spec in GRID.items() for o in spec[4] if (n, o) in cells or (kept and (n, o) in kept)]
+
+
 def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: str) -> None:
+    previous, previous_minutes = previous_cells()
+    kept = {k: v for k, v in previous.items() if k not in cells}
+    minutes = sum(d.get("wall_seconds", 0.0) for d in cells.values()) / 60 + (previous_minutes if kept else 0.0)
     lines = [
         "# Resumed-training benchmark",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
         f"Seeds {list(SEEDS)}; every variant resumes with the same seed and batch order. Run time of all cells "
-        f"(each computed once, then cached): {sum(d.get('wall_seconds', 0.0) for d in cells.values()) / 60:.0f} min. Command: `{command}`.",
+        f"(each computed once, then cached): {minutes:.0f} min. Command: `{command}`"
+        + (f" (the other {len(kept)} cells kept as the previous run measured them)." if kept else "."),
         "",
         "Columns: final training loss = mean over the last 10% of the K steps (mean ± std over seeds); "
         "steps→target = steps until the variant's curve (same 10% trailing mean) first reaches the original's final "
@@ -161,8 +209,12 @@ def write_markdown(cells: dict[tuple[str, str], dict], seconds: float, command: 
     ]
     findings = ROOT / "bench" / "findings.md"
     if findings.exists():
-        lines += [findings.read_text().strip().replace("{summary_table}", summary_table(cells)), ""]
-    for (name, opt), doc in cells.items():
+        lines += [findings.read_text().strip().replace("{summary_table}", summary_table(cells, kept)), ""]
+    for name, opt in _order(cells, kept):
+        if (name, opt) not in cells:
+            lines += [kept[(name, opt)][1]]
+            continue
+        doc = cells[(name, opt)]
         s = doc["settings"]
         own = own_ratio(doc)
         lines += [f"## {name}, {opt} (lr {s['lr']:g}, K = {s['steps']}, batch {s['batch_size']})", ""]

@@ -39,7 +39,7 @@ from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
 from .nullspace.derivatives import full_gradient
 from .nullspace.hvp import HessianVectorProduct
-from .nullspace.losses import LOSS_FUNCTIONS
+from .nullspace.losses import loss_for
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
 from .nullspace.storage_dtype import storage_failure, verify_storage
@@ -131,7 +131,6 @@ def teleport(
     """
     config = config or TeleportConfig()
     event = on_event or (lambda stage, done, total, info: None)
-    loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
     model = teleported_module(model)  # a DDP wrapper's module (docs/scale.md)
     joined = parallel.active() is None and parallel.start(device) is not None  # a caller's group (DDP), or torchrun's
@@ -151,6 +150,7 @@ def teleport(
         else:
             hold = as_tensor_data(holdout, "held-out data")
             check_targets(model, hold, hold.source)
+        loss_fn, hold_loss_fn = loss_for(config.loss, cal.targets, cal.source), loss_for(config.loss, hold.targets, hold.source)
         cal_batches = shard(cal).batches(config.batch_size, device)  # data parallel: split the whole set, then shard
         hold_batches = shard(hold).batches(config.batch_size, device)
         fit, guard = cal, None
@@ -226,7 +226,7 @@ def teleport(
         event("verify", 0, 2, {})
         check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
         event("verify", 1, 2, {})
-        check_hold = compare(model, moved, hold_batches, loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
+        check_hold = compare(model, moved, hold_batches, hold_loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2, {})
         stable = None
         if config.lr is not None:

@@ -31,7 +31,7 @@ from ..nullspace.bases import layer_basis
 from ..nullspace.capture import capture_grams
 from ..nullspace.derivatives import Batches
 from ..nullspace.linesearch import drift_ok
-from ..nullspace.losses import LOSS_FUNCTIONS
+from ..nullspace.losses import IGNORE, counted_targets, loss_for
 from ..nullspace.selection import find_layers
 from ..nullspace.verify import check_targets, forward_checked, noise_floor
 from ..records import _finite
@@ -69,7 +69,7 @@ class Audit:
 def compare_set(a: nn.Module, b: nn.Module, batches: Batches, loss_fn: Callable, *, name: str, tolerance: float, floor: float) -> dict:
     """Loss, accuracy and logit differences of two models on one data set (streaming)."""
     loss_a = loss_b = abs_sum = 0.0
-    correct_a = correct_b = n = entries = 0
+    correct_a = correct_b = n = labels = entries = 0  # n: samples (losses are per sample); labels: counted targets
     max_diff = 0.0
     for x, y in batches:
         za = forward_checked(a, x, name).double()
@@ -79,10 +79,14 @@ def compare_set(a: nn.Module, b: nn.Module, batches: Batches, loss_fn: Callable,
         correct_a += int((za.argmax(-1) == y).sum())
         correct_b += int((zb.argmax(-1) == y).sum())
         diff = (zb - za).abs()
-        max_diff = max(max_diff, float(diff.max()))
+        if diff.ndim == 3:  # a language model: logits at counted targets only (padded positions may move)
+            diff = diff[y != IGNORE]
+        if diff.numel():
+            max_diff = max(max_diff, float(diff.max()))
         abs_sum += float(diff.sum())
         entries += diff.numel()
-        n += int(y.numel())
+        n += int(x.shape[0])
+        labels += counted_targets(y)
     loss_a, loss_b = loss_a / n, loss_b / n
     return {
         "samples": n,
@@ -90,9 +94,9 @@ def compare_set(a: nn.Module, b: nn.Module, batches: Batches, loss_fn: Callable,
         "loss_b": loss_b,
         "loss_diff": loss_b - loss_a,
         "relative_loss_drift": _finite(abs(loss_b - loss_a) / abs(loss_a)) if loss_a else None,
-        "accuracy_a": correct_a / n,
-        "accuracy_b": correct_b / n,
-        "accuracy_diff": (correct_b - correct_a) / n,
+        "accuracy_a": correct_a / labels,
+        "accuracy_b": correct_b / labels,
+        "accuracy_diff": (correct_b - correct_a) / labels,
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": abs_sum / max(entries, 1),
         "tolerance": tolerance,
@@ -186,7 +190,7 @@ def audit_models(
         ConfigError: a ``spectrum_layers`` name that is not a Linear/Conv2d layer of A.
     """
     s = settings or AuditSettings()
-    loss_fn = LOSS_FUNCTIONS[s.loss]
+    loss_fn = loss_for(s.loss, calibration.targets, calibration.source)
     device = next(a.parameters()).device
     cal = calibration.batches(s.batch_size, device)
     check_targets(a, calibration, calibration.source)
@@ -232,7 +236,7 @@ def audit_models(
         datasets["calibration"] = compare_set(a, b, cal, loss_fn, name="calibration", tolerance=s.tolerance, floor=floor)
         if holdout is not None:
             hold = holdout.batches(s.batch_size, device)
-            datasets["holdout"] = compare_set(a, b, hold, loss_fn, name="holdout", tolerance=s.holdout_tolerance, floor=floor)
+            datasets["holdout"] = compare_set(a, b, hold, loss_for(s.loss, holdout.targets, holdout.source), name="holdout", tolerance=s.holdout_tolerance, floor=floor)
     passed = all(d["passed"] for d in datasets.values()) if b is not None else None
     doc = {
         "a": sources[0],

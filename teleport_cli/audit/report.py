@@ -6,14 +6,17 @@ the calibration and held-out samples that the teleport used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from torch import nn
 
 from ..checkpoints.containers import read_checkpoint
-from ..config import TeleportConfig
-from ..data.tensors import load_tensor_data, split_holdout
+from ..config import LOSSES, TeleportConfig
+from ..data.inputs import checkpoint_data_config
+from ..data.sources import load_data
+from ..data.tensors import split_holdout
 from ..errors import InputError
 from ..models.builtin import model_from_metadata
 from ..models.device import resolve_device
@@ -30,7 +33,7 @@ def _spec(metadata: dict[str, str]) -> tuple[str | None, dict]:
 
 
 def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "state_dict", trust_pickle: bool = False,
-              model_spec: str | None = None, model_kwargs: str | dict | None = None) -> tuple[nn.Module, nn.Module | None, str]:
+              model_spec: str | None = None, model_kwargs: str | dict | None = None) -> tuple[nn.Module, nn.Module | None, str, dict[str, str]]:
     """Rebuild checkpoint A from its metadata and load B into the same architecture.
 
     B may lack the ``arch`` metadata (a file this tool did not write): its tensors must then fit
@@ -39,7 +42,7 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
     ``model_spec``/``model_kwargs`` (``--model``, ``--model-kwargs``) choose it for both.
 
     Returns:
-        (model A, model B or None, arch), both in eval mode on the CPU.
+        (model A, model B or None, arch, A's metadata), both models in eval mode on the CPU.
 
     Raises:
         InputError: unreadable files, different architectures, or B's tensors do not fit.
@@ -47,7 +50,7 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
     given = {"model_spec": model_spec, "model_kwargs": model_kwargs}
     a, ca, arch, kwargs = load_model(a_path, weights=weights, trust_pickle=trust_pickle, **given)
     if b_path is None:
-        return a.eval(), None, arch
+        return a.eval(), None, arch, ca.metadata
     cb = read_checkpoint(b_path, trust_pickle=trust_pickle)
     arch_b, kwargs_b = _spec(cb.metadata)
     if (model_spec is None and model_kwargs is None and arch_b is not None and (arch_b, kwargs_b) != (arch, kwargs)
@@ -57,7 +60,7 @@ def load_pair(a_path: str | Path, b_path: str | Path | None, *, weights: str = "
             hint="teleport report compares two checkpoints of the same architecture; --model and --model-kwargs choose one for both",
         )
     b = load_model(b_path, weights=weights, trust_pickle=trust_pickle, like=ca.metadata, read=cb, **given)[0]
-    return a.eval(), b.eval(), arch
+    return a.eval(), b.eval(), arch, ca.metadata
 
 
 def report(
@@ -79,9 +82,13 @@ def report(
         InputError (exit 3): unreadable or unfit inputs, different architectures.
         ConfigError (exit 2): an unknown ``spectrum_layers`` name.
     """
-    a, b, arch = load_pair(a_path, b_path, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
-    cal = load_tensor_data(data, what="calibration")
-    hold = load_tensor_data(holdout, what="held-out") if holdout is not None else None
+    a, b, arch, meta = load_pair(a_path, b_path, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
+    data_config = checkpoint_data_config(meta, str(a_path))  # any data apply reads: tokens, text, images, tensors
+    cal = load_data(data, data_config, a, what="calibration").data
+    hold = load_data(holdout, data_config, a, what="held-out").data if holdout is not None else None
+    settings = settings or AuditSettings()
+    if meta.get("loss") in LOSSES and settings.loss == AuditSettings.loss:  # the checkpoint's own loss (lm), as apply takes it
+        settings = dataclasses.replace(settings, loss=meta["loss"])
     dev = resolve_device(device)
     a.to(dev)
     if b is not None:
@@ -101,11 +108,11 @@ def report_for_apply(result, data: str | Path, holdout: str | Path | None, confi
     """
     moved = result.outcome.model.eval()
     a = result.original.eval()  # the weights apply teleported (also --weights ema, --model)
-    cal = load_tensor_data(data, what="calibration")
+    cal = load_data(data, None, a, what="calibration").data
     if holdout is None:
         cal, hold, _ = split_holdout(cal, config.holdout_fraction, config.seed)
     else:
-        hold = load_tensor_data(holdout, what="held-out")
+        hold = load_data(holdout, None, a, what="held-out").data
     settings = AuditSettings(tau=config.tau, tolerance=config.tolerance, holdout_tolerance=config.holdout_tolerance,
                              batch_size=config.batch_size, seed=config.seed, loss=config.loss)
     audit = audit_models(a, moved, cal, hold, settings, sources=(result.source, result.output or "(teleported, not written)"))

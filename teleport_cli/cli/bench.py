@@ -114,7 +114,8 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
           objective, tau, teleport_steps, step_size, step_growth, device, hvp, out_dir, force, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """Resume training from CHECKPOINT and from teleported variants; compare losses and wall-clock."""
     from ..bench.resume import run_bench
-    from ..data.tensors import load_tensor_data
+    from ..data.inputs import checkpoint_data_config
+    from ..data.sources import load_data
     from ..models.device import resolve_device
     from ..models.loading import load_model
 
@@ -134,10 +135,13 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         config = TeleportConfig(tau=tau, steps=teleport_steps, step_size=step_size, step_growth=step_growth, objective=objective, hvp=hvp,
                                 lr=None if optimizer == "adam" else (lr if lr is not None else BenchSettings(optimizer=optimizer).learning_rate), device=device)
         settings = BenchSettings(optimizer, lr, k, batch_size, tuple(range(seeds)), max(1, k // 20), period, calibration_samples, chosen)
-        model = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)[0]
+        model, ckpt, _, _ = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
         model.to(resolve_device(device))
-        train = load_tensor_data(train_path, what="training")
-        hold = load_tensor_data(holdout, what="held-out")
+        data_config = checkpoint_data_config(ckpt.metadata, str(checkpoint))  # the data apply reads: tokens, text, images, tensors
+        train = load_data(train_path, data_config, model, what="training").data
+        hold = load_data(holdout, data_config, model, what="held-out").data
+        if ckpt.metadata.get("loss") == "lm":  # a language model's own loss, as apply takes it
+            config = config.replace(loss="lm")
         with progress_events(not quiet) as on_event:
             doc = run_bench(model, train, hold, config, settings, on_event)
     except TeleportError as e:

@@ -2,10 +2,11 @@
 tokenizer, and images through its ``preprocessor_config.json``.
 
 The model (:mod:`teleport_cli.models.transformers_adapter`) takes ``(N, T)`` int64 ids with
-``-1`` at padded positions. Not yet supported: padded or ``-100`` targets for language models
-(the ``lm`` loss divides by samples x T, so a global mean over counted tokens needs the loss
-counts to change first); such files are refused with exit 3. Unpadded causal LM files give
-exactly ``model(input_ids, labels=input_ids).loss`` over the whole set.
+``-1`` at padded positions. Language-model targets that do not count are ``-100`` (padding and
+``-100`` labels alike): the loss of a set is the sum of the counted targets' cross-entropies
+divided by their count over the whole set (:func:`teleport_cli.nullspace.losses.loss_for`), so
+a set given as one batch has exactly ``model(input_ids, attention_mask=..., labels=...).loss``,
+and a set of several batches their token-weighted mean.
 
 Token files (``.safetensors``):
 
@@ -15,7 +16,9 @@ Token files (``.safetensors``):
   counted) are shifted as transformers shifts them (position t predicts ``labels[t + 1]``), so the
   mean over the counted targets equals ``model(input_ids, attention_mask=..., labels=...).loss``
   over the whole set. Masked LM: ``labels`` ``(N, T)`` unshifted. Classifiers: ``labels`` ``(N,)``.
-  Padded positions never count as targets.
+  Padded positions never count as targets, and a causal LM's padded position predicts nothing
+  (with left padding, label the first real token -100 to match transformers' loss, which counts
+  that prediction from a padded position).
 
 Text (``.txt``, causal LMs): encoded with ``AutoTokenizer.from_pretrained(folder,
 local_files_only=True)`` and cut into non-overlapping windows of ``T + 1`` tokens (T the
@@ -34,7 +37,7 @@ from .images import scan_image_folder
 from .tensors import TensorData
 from .tokens import tokens_to_data
 
-IGNORE = -100
+IGNORE = -100  # an uncounted target, as transformers and teleport_cli.nullspace.losses mark it
 
 
 def _ints(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
@@ -78,12 +81,14 @@ def hf_token_data(tensors: dict[str, torch.Tensor], task: str, source: str, voca
     if labels.shape != ids.shape:
         raise InputError(f"{source}: 'labels' {tuple(labels.shape)} does not match 'input_ids' {tuple(ids.shape)}")
     labels = torch.where(mask, labels, torch.full_like(labels, IGNORE))
-    if bool((labels == IGNORE).any()):
-        raise InputError(f"{source}: padded or -100 targets are not supported for language models yet",
-                         hint="pass unpadded sequences of one length (input_ids or tokens (N, T + 1))")
-    if task == "causal_lm":  # position t predicts labels[t + 1]: the last position predicts nothing
-        return TensorData(inputs[:, :-1].contiguous(), labels[:, 1:].contiguous(), source)
+    bad = (labels != IGNORE) & ((labels < 0) | (labels >= vocab_size if vocab_size is not None else False))
+    if bool(bad.any()):
+        raise InputError(f"{source}: 'labels' hold {int(labels[bad][0])}, neither -100 nor a token id in [0, {vocab_size})")
     targets = labels
+    if task == "causal_lm":  # position t predicts labels[t + 1]: the last position predicts nothing
+        inputs, targets = inputs[:, :-1].contiguous(), labels[:, 1:].contiguous()
+        # a padded position predicts nothing either (its rows are kept out of the Grams)
+        targets = torch.where(inputs >= 0, targets, torch.full_like(targets, IGNORE))
     if not bool((targets != IGNORE).any()):
         raise InputError(f"{source} has no counted target (every label is -100 or padding)")
     return TensorData(inputs, targets, source)

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import TeleportConfig
 from ..data.tensors import TensorData, split_holdout
 from ..errors import VerificationFailed
-from .losses import LOSS_FUNCTIONS
+from .losses import loss_for
 from .verify import compare
 
 COMPUTE = torch.float32
@@ -84,11 +84,10 @@ def _verify(original, teleported, stored, calibration, holdout, config, noise_fl
     floor_model = _with(original, {k: original.get_parameter(k).detach() + r for k, r in rounding.items()})
     if holdout is None:
         calibration, holdout, _ = split_holdout(calibration, config.holdout_fraction, config.seed)
-    loss_fn = LOSS_FUNCTIONS[config.loss]
     out: dict = {"cast": True, "dtypes": dtypes, "max_abs_rounding": max(float(r.abs().max()) for r in rounding.values())}
     passed = True
     for name, data, tol in (("calibration", calibration, config.tolerance), ("holdout", holdout, config.holdout_tolerance)):
-        batches = data.batches(config.batch_size, device)
+        batches, loss_fn = data.batches(config.batch_size, device), loss_for(config.loss, data.targets, data.source)
         fl = compare(original, floor_model, batches, loss_fn, name=name, tolerance=0.0, floor=noise_floor)
         rounding_floor = abs(fl.loss_after - fl.loss_before)
         c = compare(original, cast_model, batches, loss_fn, name=name, tolerance=tol, floor=noise_floor + rounding_floor)

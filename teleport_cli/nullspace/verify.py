@@ -17,6 +17,7 @@ from ..parallel.collective import all_reduce_max, all_reduce_sum
 from ..records import SetCheck
 from .derivatives import Batches
 from .linesearch import drift_ok
+from .losses import IGNORE, counted_targets
 
 # A run-to-run loss difference above this share of the loss cannot come from floating-point
 # reordering: something random runs in the forward pass.
@@ -49,7 +50,9 @@ def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source:
 def check_targets(model: nn.Module, data, source: str) -> None:
     """Class targets must index the model's outputs: ``0 <= y < C`` with C the last logit dimension.
 
-    (PyTorch's cross-entropy would raise for other values, or silently skip -100.)
+    (PyTorch's cross-entropy would raise for other values, or silently skip -100.) A language
+    model's targets (``N x T`` for ``N x T x C`` logits) may be ``-100``: not counted
+    (:mod:`teleport_cli.nullspace.losses`).
 
     Raises:
         InputError: targets whose shape is not ``N`` followed by the logits' middle dimensions
@@ -68,6 +71,8 @@ def check_targets(model: nn.Module, data, source: str) -> None:
             hint="store one class index per sample (per position for a language model)",
         )
     bad = (y < 0) | (y >= classes)
+    if logits.ndim == 3:  # a language model's uncounted targets (padding, -100)
+        bad &= y != IGNORE
     if bool(bad.any()):
         first = int(y[bad].reshape(-1)[0])
         raise InputError(
@@ -122,10 +127,14 @@ def compare(
         loss1 += float(loss_fn(b, y))
         correct0 += int((a.argmax(-1) == y).sum())
         correct1 += int((b.argmax(-1) == y).sum())
-        max_diff = max(max_diff, float((a - b).abs().max()))
-        max_logit = max(max_logit, float(a.abs().max()))
+        if a.ndim == 3:  # a language model: logits at counted targets only (padded positions may move)
+            keep = y != IGNORE
+            a, b = a[keep], b[keep]
+        if a.numel():
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            max_logit = max(max_logit, float(a.abs().max()))
         n += int(x.shape[0])
-        labels += int(y.numel())
+        labels += counted_targets(y)
     loss0, loss1, correct0, correct1, n, labels = all_reduce_sum((), loss0, loss1, correct0, correct1, n, labels)
     max_diff, max_logit = all_reduce_max(max_diff, max_logit)
     n, labels = int(n), int(labels)
