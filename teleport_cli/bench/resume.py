@@ -222,15 +222,25 @@ def run_bench(
     model = model.eval()
 
     starts: dict[str, tuple[nn.Module, float, dict]] = {"original": (model, 0.0, {})}
-    outcome, secs = _timed(lambda: teleport(model, cal, config, holdout=holdout))
+    spans: dict[str, float] = {}
+
+    def timing(stage: str, done: int, total: int, info: dict) -> None:  # when the Grams start and the bases end
+        if stage == "capture" and "grams" not in spans:
+            spans["grams"] = time.perf_counter()
+        if stage == "bases" and done == total:
+            spans["bases"] = time.perf_counter()
+
+    outcome, secs = _timed(lambda: teleport(model, cal, config, holdout=holdout, on_event=timing))
     info = {"verified": outcome.verified, "grad_norm_ratio": outcome.stats.grad_norm_ratio,
             "calibration_drift": outcome.verification.calibration.loss_drift, "holdout_drift": outcome.verification.holdout.loss_drift}
     starts["nullspace"] = (outcome.model, secs, info)
     if "periodic" in settings.variants:
         starts["periodic"] = (outcome.model, secs, {"period": settings.period})
     if "random" in settings.variants:
-        moved = random_null_move(model, outcome.model, outcome, config.seed)
-        starts["random"] = (moved, 0.0, {})
+        # its cost: the same Grams and bases as the teleport (it reuses them), plus the projection
+        moved, move_secs = _timed(lambda: random_null_move(model, outcome.model, outcome, config.seed))
+        grams_and_bases = spans.get("bases", 0.0) - spans.get("grams", 0.0)
+        starts["random"] = (moved, grams_and_bases + move_secs, {"grams_and_bases_seconds": grams_and_bases})
     if "levelset" in settings.variants:
         copy_ = copy.deepcopy(model)
         stats, secs = _timed(lambda: levelset_teleport(copy_, cal.batches(config.batch_size, device), config, loss_fn))
