@@ -17,6 +17,7 @@ from teleport_cli.data.images import load_image_folder
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints"
 CKPT = SAMPLES / "fmnist_test_resnet_mid.safetensors"
 IMAGES = SAMPLES / "fmnist_calibration"
+HOST_FILE = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path("/etc/passwd")
 
 
 def _config() -> dict:
@@ -46,7 +47,7 @@ def _outside_png(tmp: Path) -> Path:
 
 CASES = {
     "file-outside": (lambda d, t: (d / "bag" / "zz.png").symlink_to(_outside_png(t)), "bag/zz.png is a link to {t}/elsewhere/x.png, outside the folder"),
-    "host-file": (lambda d, t: (d / "bag" / "zz.png").symlink_to("/etc/hostname" if Path("/etc/hostname").is_file() else "/etc/passwd"), "bag/zz.png is a link to /etc/"),
+    "host-file": (lambda d, t: (d / "bag" / "zz.png").symlink_to(HOST_FILE), f"bag/zz.png is a link to {HOST_FILE.resolve()}, outside the folder"),
     "class-folder-outside": (lambda d, t: (_outside_png(t), (d / "dress").symlink_to(t / "elsewhere", target_is_directory=True)), "dress is a link to {t}/elsewhere, outside the folder"),
     "class-folder-inside": (lambda d, t: (d / "dress").symlink_to("bag", target_is_directory=True), "dress is a link to {d}/bag, which is not a regular file"),
     "nested-folder-inside": (lambda d, t: (d / "coat" / "more").symlink_to("../bag", target_is_directory=True), "coat/more is a link to {d}/bag, which is not a regular file"),
