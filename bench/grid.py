@@ -48,13 +48,16 @@ RECORDED_STEPS = {"mlp_digits_mid": 0.61}
 BENCH = {f"bench_{n}": n for n in ("mlp_digits_mid", "mlp_digits_converged")}
 
 
+CODE = ROOT  # the tree whose teleport_cli the cells run (--code)
+
+
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": str(CODE), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _commit() -> str:
     p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return p.stdout.strip()
+    return p.stdout.strip() if CODE == ROOT else f"tree {CODE.name}"
 
 
 def _cpu(before: os.times_result) -> float:
@@ -64,6 +67,7 @@ def _cpu(before: os.times_result) -> float:
 
 def sample_cell(name: str, seed: int) -> dict:
     os.environ.update(_env())
+    arch_samples.ROOT = CODE  # its PYTHONPATH and cwd
     t = os.times()
     with tempfile.TemporaryDirectory() as tmp:
         row = arch_samples.run(name, *SAMPLES[name], Path(tmp), seed)
@@ -75,6 +79,7 @@ def mlp_cell(seed: int) -> dict:
     import fmnist_mlp
 
     os.environ.update(_env())
+    fmnist_mlp.ROOT = CODE  # its PYTHONPATH and cwd
     with tempfile.TemporaryDirectory() as tmp:
         t = os.times()
         row = fmnist_mlp.run(seed, Path(tmp))
@@ -88,7 +93,7 @@ def bench_cell(name: str) -> dict:
            "--holdout", str(S / "digits_holdout.safetensors"), "--optimizer", "sgd", "--steps", "200", "--seeds", "3",
            "--variants", "original,nullspace", "--json", "-q", "--device", "cpu"]
     t = os.times()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=CODE)
     doc = json.loads(p.stdout) if p.stdout.strip() else {}
     v = doc.get("variants", {})
     return {"checkpoint": name, "exit_code": p.returncode, "stderr": p.stderr.strip()[-300:], "cpu_seconds": _cpu(t),
@@ -110,15 +115,29 @@ def cells() -> dict[str, callable]:
     return out
 
 
-def _load() -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))}
+def _load(folder: Path | None = None) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((folder or CELLS).glob("*.json"))}
+
+
+BEFORE = ROOT / "bench" / "results" / "grid-before"  # --tag before: the cells run on the older tree
 
 
 def _f(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
 
 
-def write_doc(done: dict[str, dict]) -> None:
+def _before(before: dict[str, dict], name: str, seeds) -> str:
+    ran = [before.get(f"{name}.{s}") for s in seeds]
+    ran = [r for r in ran if r is not None]
+    if not ran:
+        return "-"
+    ratios = [r["grad_norm_ratio"] for r in ran if r.get("grad_norm_ratio") is not None]
+    med = _f(statistics.median(ratios)) if ratios else "-"
+    return f"exits {', '.join(str(r['exit_code']) for r in ran)}; {', '.join(_f(x) for x in ratios)}; median {med}"
+
+
+def write_doc(done: dict[str, dict], before: dict[str, dict] | None = None) -> None:
+    before = before or {}
     rows, exits = [], {}
     names = [*SAMPLES, "fmnist_mlp"]
     for name in names:
@@ -136,18 +155,25 @@ def write_doc(done: dict[str, dict]) -> None:
             f"| {name} | {len(ran)}/{len(seeds)} | {', '.join(str(r['exit_code']) for r in ran) or '-'} | "
             f"{', '.join(_f(x) for x in ratios) or '-'} | {_f(statistics.median(ratios)) if ratios else '-'} | "
             f"{_f(RECORDED.get(name)) if name in RECORDED else (_f(RECORDED_MEDIAN[name]) + ' (median)' if name in RECORDED_MEDIAN else '-')} | {_f(max(held), 2) if held else '-'} | {', '.join('-' if b is None else str(b) for b in backs) or '-'} | "
-            f"{_f(min(cpu), 2) if cpu else '-'} / {_f(statistics.median(cpu), 2) if cpu else '-'} / {_f(max(cpu), 2) if cpu else '-'} |")
+            f"{_f(min(cpu), 2) if cpu else '-'} / {_f(statistics.median(cpu), 2) if cpu else '-'} / {_f(max(cpu), 2) if cpu else '-'} | "
+            f"{_before(before, name, seeds)} |")
     total = sum(exits.values())
+    exits_before = {}
+    for key, r in before.items():
+        if not key.startswith("bench_"):
+            exits_before[r["exit_code"]] = exits_before.get(r["exit_code"], 0) + 1
     bench_rows = []
     for key, name in BENCH.items():
         r = done.get(key)
         if r is None:
-            bench_rows.append(f"| {name} | not run | - | {_f(RECORDED_STEPS.get(name), 2)} | - | - |")
+            bench_rows.append(f"| {name} | not run | - | {_f(RECORDED_STEPS.get(name), 2)} | - | - | - |")
             continue
         per = r.get("steps_to_target_ratio_per_seed") or []
         own = r.get("original_self_ratio_per_seed") or []
+        b = before.get(key)
+        was = "-" if b is None else f"{_f(b.get('steps_to_target_ratio'), 2)} ({', '.join(_f(x, 2) for x in b.get('steps_to_target_ratio_per_seed') or [])})"
         bench_rows.append(f"| {name} | {r['exit_code']} | {_f(r.get('steps_to_target_ratio'), 2)} ({', '.join(_f(x, 2) for x in per)}) | {_f(RECORDED_STEPS.get(name), 2)} | "
-                          f"{', '.join(_f(x, 2) for x in own) or '-'} | {_f(r.get('grad_norm_ratio'))} |")
+                          f"{was} | {', '.join(_f(x, 2) for x in own) or '-'} | {_f(r.get('grad_norm_ratio'))} |")
     commits = sorted({r.get("commit", "?") for r in done.values()})
     text = f"""# Reliability grid: defaults on every sample and seed
 
@@ -159,9 +185,11 @@ code at {', '.join(commits)}). Data as in docs/samples.md; the Fashion-MNIST MLP
 per seed by `bench/fmnist_mlp.py`.
 
 **Exits over {total} runs: {', '.join(f'{n} exit {c}' for c, n in sorted(exits.items())) or 'none yet'}.**
+Before the guard ran at every tau with its confidence bound (the tree of commit 8f7bc1d, same
+cells, `bench/grid.py --before TREE`): {', '.join(f'{n} exit {c}' for c, n in sorted(exits_before.items())) or 'not run'} over {sum(exits_before.values())} runs.
 
-| checkpoint | runs | exits | grad-norm ratio per seed | median | recorded before | max held-out drift | step-backs per seed | CPU s min / median / max |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| checkpoint | runs | exits | grad-norm ratio per seed | median | recorded before | max held-out drift | step-backs per seed | CPU s min / median / max | before the guard's bound: exits; ratios; median |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 "Recorded before" is the seed-0 figure docs/samples.md gave at the same defaults before this grid
@@ -175,10 +203,10 @@ CPU seconds are those of the `teleport` process (user + system).
 --seeds 3 --variants original,nullspace` (the digits MLP is the one sample shipped with a training
 set): steps until training from the teleported point reaches the original run's final loss,
 over K (< 1 is faster); the original's own curve touches its final loss at the ratio in the
-fifth column.
+sixth column.
 
-| checkpoint | exit | nullspace (per seed) | recorded before (docs/benchmarks.md, MLP sgd) | original itself per seed | grad-norm ratio |
-| --- | --- | --- | --- | --- | --- |
+| checkpoint | exit | nullspace (per seed) | recorded before (docs/benchmarks.md, MLP sgd) | before the guard's bound (per seed) | original itself per seed | grad-norm ratio |
+| --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(bench_rows)}
 """
     DOC.write_text(text)
@@ -188,7 +216,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="run only cells whose name contains this")
     ap.add_argument("--table-only", action="store_true", help="write docs/grid.md from the cached cells")
+    ap.add_argument("--before", default=None, help="a tree (folder holding teleport_cli/) to run the cells on instead, cached in bench/results/grid-before/")
     args = ap.parse_args()
+    global CELLS, CODE
+    cells_dir = CELLS
+    if args.before:
+        CODE, CELLS = Path(args.before).resolve(), BEFORE
     CELLS.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         commit = _commit()
@@ -208,8 +241,8 @@ def main() -> None:
                   f"{row['cpu_seconds']:.0f} CPU s", flush=True)
             if row["exit_code"] not in (0,):
                 print("   ", row.get("stderr"), flush=True)
-            write_doc(_load())
-    write_doc(_load())
+            write_doc(_load(cells_dir), _load(BEFORE))
+    write_doc(_load(cells_dir), _load(BEFORE))
 
 
 if __name__ == "__main__":
