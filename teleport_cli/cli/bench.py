@@ -31,12 +31,6 @@ from .common import (
 D = TeleportConfig()
 
 
-def _own_ratio(original: dict) -> float | None:
-    """The original's own steps_to_target_ratio: mean of the JSON's per-seed values (None if a seed never got there)."""
-    per = original.get("self_steps_to_target_ratio_per_seed") or []
-    return None if not per or any(x is None for x in per) else sum(per) / len(per)
-
-
 def _table(doc: dict) -> Table:
     s = doc["settings"]
     t = Table(title=f"teleport bench: {s['optimizer']} lr {s['lr']:g}, K={s['steps']}, seeds {s['seeds']}", title_justify="left")
@@ -51,7 +45,7 @@ def _table(doc: dict) -> Table:
             name,
             f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}",
             f"{v['holdout_final_mean']:.4f} ± {v['holdout_final_std']:.4f}",
-            f(v.get("steps_to_target_ratio") if name != "original" else _own_ratio(v)),
+            f(v.get("steps_to_target_ratio") if name != "original" else v.get("self_steps_to_target_ratio")),
             f(v["teleport_seconds"], "{:.2f}"),
             f(v["teleport_equivalent_steps"], "{:.0f}"),
             f(v.get("net_ratio")),

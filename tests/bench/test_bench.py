@@ -88,6 +88,7 @@ def test_bench_table_and_random_cost(samples, monkeypatch):
     assert v["random"]["teleport_seconds"] < v["nullspace"]["teleport_seconds"]  # the ascent is not part of it
     per = v["original"]["self_steps_to_target_ratio_per_seed"]
     own = statistics.fmean(per)
+    assert v["original"]["self_steps_to_target_ratio"] == pytest.approx(own, rel=1e-12)
     assert own < 1  # on 20 noisy steps the original touches its own final loss early
     row = next(line for line in r.stderr.splitlines() if line.strip("│ ").startswith("original"))
     cells = [c.strip() for c in row.split("│") if c.strip()]
