@@ -195,6 +195,7 @@ cells, `bench/grid.py --before TREE`): {', '.join(f'{n} exit {c}' for c, n in so
 "Recorded before" is the seed-0 figure docs/samples.md gave at the same defaults before this grid
 (for the Fashion-MNIST MLP the median over seeds 0-4 in docs/guard.md). The
 held-out gate is 2e-2 relative drift (`--holdout-tolerance`); exit 4 would mean a run failed it.
+The last column counts the ratios of runs that exited 4 too (nothing was written for them).
 CPU seconds are those of the `teleport` process (user + system).
 
 ## steps_to_target_ratio
