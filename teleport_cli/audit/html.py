@@ -41,20 +41,38 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def drift_plot(layers: list[dict]) -> str:
-    """Bar chart (log scale) of output drift and weight change per layer; base64 PNG."""
+def drift_figure(layers: list[dict]):
+    """The matplotlib Figure of :func:`drift_plot` (log-scale bars; the caller closes it).
+
+    A value of exactly 0 (a BatchNorm or other module the teleport leaves unchanged) has no bar
+    on a log axis: it is drawn as a "0" at the foot of its slot, and the axis spans the positive
+    values only. The legend sits above the axes, outside them, so that it covers no bar.
+    """
     rows = [l for l in layers if l["output_drift"] is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows) + 2), 3.4))
-    xs = range(len(rows))
-    floor = 1e-12  # a bar of exactly 0 cannot be drawn on a log axis
-    ax.bar([x - 0.2 for x in xs], [max(l["output_drift"], floor) for l in rows], 0.4, label="output drift ‖ΔZ‖/‖Z‖")
-    ax.bar([x + 0.2 for x in xs], [max(l["rel_weight_change"] or 0.0, floor) for l in rows], 0.4, label="weight change ‖ΔW‖/‖W‖")
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows) + 2), 3.8))
+    xs = list(range(len(rows)))
+    series = (("output drift ‖ΔZ‖/‖Z‖", "output_drift", -0.2, "C0"), ("weight change ‖ΔW‖/‖W‖", "rel_weight_change", 0.2, "C1"))
+    positive = [l[k] for _, k, _, _ in series for l in rows if (l[k] or 0.0) > 0]
+    low, high = (min(positive), max(positive)) if positive else (1e-3, 1.0)
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), [l["name"] for l in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(low / 10, high * 3)
+    for label, key, dx, color in series:
+        bars = [(x + dx, l[key]) for x, l in zip(xs, rows) if (l[key] or 0.0) > 0]
+        ax.bar([x for x, _ in bars], [v for _, v in bars], 0.4, label=label, color=color)
+        for x, l in zip(xs, rows):
+            if l[key] == 0.0:  # unchanged: no bar of invented height
+                ax.text(x + dx, low / 10, "0", ha="center", va="bottom", fontsize=7, color=color, gid="zero")
+    ax.set_xticks(xs, [l["name"] for l in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("relative change (calibration set)")
-    ax.set_title("per-layer output drift and weight change")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    ax.set_title("per-layer output drift and weight change", pad=24)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, borderaxespad=0.2)
+    return fig
+
+
+def drift_plot(layers: list[dict]) -> str:
+    """Bar chart (log scale) of output drift and weight change per layer; base64 PNG (see :func:`drift_figure`)."""
+    return _png(drift_figure(layers))
 
 
 def null_dim_curve(eigenvalues: torch.Tensor, taus=TAU_GRID) -> list[int]:

@@ -10,7 +10,10 @@ training loss at every step and the held-out loss at a few steps. Figures (issue
 * ``steps_to_target_ratio``: the first step t at which the trailing ``w``-step mean of the
   variant's curve reaches the original run's ``final_loss``, divided by K (< 1 is faster; None if
   never reached). On a flat, noisy curve the original itself touches its final loss before K:
-  ``self_steps_to_target_ratio_per_seed`` of the original is the baseline to compare with;
+  ``self_steps_to_target_ratio_per_seed`` of the original (mean: ``self_steps_to_target_ratio``,
+  the original's row of the table) is the baseline to compare with;
+* the ``random`` variant's ``teleport_seconds``: the seconds of the Grams and bases it shares
+  with the null-space teleport (``grams_and_bases_seconds``) plus its projection;
 * ``teleport_equivalent_steps``: the teleport's wall-clock seconds divided by the original run's
   seconds per training step; ``net_ratio = (t + equivalent steps) / K``.
 """
@@ -177,7 +180,8 @@ class VariantResult:
         }
         if reference is None:  # how early the original's own noisy curve first touches its final loss
             own = [steps_to_target(r.train, f, w) for r, f in zip(self.runs, finals)]
-            out["self_steps_to_target_ratio_per_seed"] = [None if t is None else t / k for t in own]
+            out["self_steps_to_target_ratio_per_seed"] = per = [None if t is None else t / k for t in own]
+            out["self_steps_to_target_ratio"] = statistics.fmean(per) if all(x is not None for x in per) else None
         else:
             ratios, nets = [], []
             for r, ref in zip(self.runs, reference.runs):
@@ -222,15 +226,25 @@ def run_bench(
     model = model.eval()
 
     starts: dict[str, tuple[nn.Module, float, dict]] = {"original": (model, 0.0, {})}
-    outcome, secs = _timed(lambda: teleport(model, cal, config, holdout=holdout))
+    spans: dict[str, float] = {}
+
+    def timing(stage: str, done: int, total: int, info: dict) -> None:  # when the Grams start and the bases end
+        if stage == "capture" and "grams" not in spans:
+            spans["grams"] = time.perf_counter()
+        if stage == "bases" and done == total:
+            spans["bases"] = time.perf_counter()
+
+    outcome, secs = _timed(lambda: teleport(model, cal, config, holdout=holdout, on_event=timing))
     info = {"verified": outcome.verified, "grad_norm_ratio": outcome.stats.grad_norm_ratio,
             "calibration_drift": outcome.verification.calibration.loss_drift, "holdout_drift": outcome.verification.holdout.loss_drift}
     starts["nullspace"] = (outcome.model, secs, info)
     if "periodic" in settings.variants:
         starts["periodic"] = (outcome.model, secs, {"period": settings.period})
     if "random" in settings.variants:
-        moved = random_null_move(model, outcome.model, outcome, config.seed)
-        starts["random"] = (moved, 0.0, {})
+        # its cost: the same Grams and bases as the teleport (it reuses them), plus the projection
+        moved, move_secs = _timed(lambda: random_null_move(model, outcome.model, outcome, config.seed))
+        grams_and_bases = spans.get("bases", 0.0) - spans.get("grams", 0.0)
+        starts["random"] = (moved, grams_and_bases + move_secs, {"grams_and_bases_seconds": grams_and_bases})
     if "levelset" in settings.variants:
         copy_ = copy.deepcopy(model)
         stats, secs = _timed(lambda: levelset_teleport(copy_, cal.batches(config.batch_size, device), config, loss_fn))

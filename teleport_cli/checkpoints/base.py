@@ -214,26 +214,31 @@ def _hf_blobs(root: Path) -> Path | None:
     return root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
 
 
-def _check_link(path: Path, rel: Path, root: Path, source: str) -> None:
+IMAGE_LINK_HINT = "teleport-cli follows a link in an image folder only to a regular file inside it; copy the file in or remove the link"
+
+
+def _check_link(path: Path, rel: Path, root: Path, source: str, kind: str = "checkpoint folder", hf_cache: bool = True) -> None:
+    hint = LINK_HINT if hf_cache else IMAGE_LINK_HINT
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise InputError(f"checkpoint folder {source}: {rel} is a link to a missing file or a link loop", hint=LINK_HINT) from None
-    blobs = _hf_blobs(root)
+        raise InputError(f"{kind} {source}: {rel} is a link to a missing file or a link loop", hint=hint) from None
+    blobs = _hf_blobs(root) if hf_cache else None
     inside = target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs.resolve()))
     if not inside:
-        raise InputError(f"checkpoint folder {source}: {rel} is a link to {target}, outside the folder", hint=LINK_HINT)
+        raise InputError(f"{kind} {source}: {rel} is a link to {target}, outside the folder", hint=hint)
     if not stat.S_ISREG(os.stat(target).st_mode):
-        raise InputError(f"checkpoint folder {source}: {rel} is a link to {target}, which is not a regular file", hint=LINK_HINT)
+        raise InputError(f"{kind} {source}: {rel} is a link to {target}, which is not a regular file", hint=hint)
 
 
-def folder_files(folder: str | Path, source: str | None = None) -> list[Path]:
+def folder_files(folder: str | Path, source: str | None = None, *, kind: str = "checkpoint folder", hf_cache: bool = True) -> list[Path]:
     """The files of a checkpoint folder (relative paths, sorted), every link checked first.
 
     A regular file is listed. A symbolic link is listed only when its target is a regular file
     inside the folder, or inside ``models--NAME/blobs`` when the folder is a Hugging Face cache
     snapshot ``models--NAME/snapshots/REV`` (whose files are links ``../../blobs/SHA``). Links
-    to folders are not followed.
+    to folders are not followed. ``kind`` names the folder in errors; ``hf_cache=False`` (image
+    folders) allows no target outside the folder at all.
 
     Raises:
         InputError: a link to anything else (outside the folder, a folder, a missing file, a
@@ -249,12 +254,12 @@ def folder_files(folder: str | Path, source: str | None = None) -> list[Path]:
             rel = p.relative_to(root)
             mode = os.lstat(p).st_mode
             if stat.S_ISLNK(mode):
-                _check_link(p, rel, root, source)
+                _check_link(p, rel, root, source, kind, hf_cache)
                 files.append(rel)
             elif stat.S_ISREG(mode):
                 files.append(rel)
             elif not stat.S_ISDIR(mode):
-                raise InputError(f"checkpoint folder {source}: {rel} is not a regular file", hint="remove it; a checkpoint folder holds files and folders only")
+                raise InputError(f"{kind} {source}: {rel} is not a regular file", hint=f"remove it; a {kind} holds files and folders only")
     return sorted(files)
 
 

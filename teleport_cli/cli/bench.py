@@ -45,10 +45,10 @@ def _table(doc: dict) -> Table:
             name,
             f"{v['final_loss_mean']:.4f} ± {v['final_loss_std']:.4f}",
             f"{v['holdout_final_mean']:.4f} ± {v['holdout_final_std']:.4f}",
-            f(v.get("steps_to_target_ratio")) if name != "original" else "1",
+            f(v.get("steps_to_target_ratio") if name != "original" else v.get("self_steps_to_target_ratio")),
             f(v["teleport_seconds"], "{:.2f}"),
             f(v["teleport_equivalent_steps"], "{:.0f}"),
-            f(v.get("net_ratio")) if name != "original" else "1",
+            f(v.get("net_ratio")),
             f(v.get("grad_norm_ratio"), "{:.2f}"),
         )
     return t

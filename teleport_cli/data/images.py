@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.base import folder_files
 from ..errors import InputError
 from .tensors import TensorData
 
@@ -89,11 +90,19 @@ def scan_image_folder(root: str | Path, class_names: list[str] | None = None) ->
     Returns:
         (samples as (path, class index), class names in index order).
 
+    Links are checked first, by the rule of checkpoint folders
+    (:func:`teleport_cli.checkpoints.base.folder_files`): a link is followed only when its target
+    is a regular file inside ``root``; a link to a folder (also a class folder), outside
+    ``root``, to a missing file or a loop, and any special file (FIFO, socket, device) is an error
+    naming it.
+
     Raises:
-        InputError: no subfolders, a subfolder not in ``class_names``, or no images.
+        InputError: such a link or special file, no subfolders, a subfolder not in
+            ``class_names``, or no images.
     """
     root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = folder_files(root, str(root), kind="image folder", hf_cache=False)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     if not folders:
         raise InputError(f"image folder {root} has no class subfolders", hint="lay it out as ROOT/<class>/<image>")
     classes = list(class_names) if class_names else folders
@@ -104,12 +113,11 @@ def scan_image_folder(root: str | Path, class_names: list[str] | None = None) ->
             hint=f"the classes are: {', '.join(classes)}",
         )
     index = {c: i for i, c in enumerate(classes)}
-    samples = [
-        (f, index[folder])
-        for folder in folders
-        for f in sorted((root / folder).rglob("*"))
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    within = {folder: [] for folder in folders}
+    for rel in files:  # sorted; links among them lead to regular files inside root
+        if len(rel.parts) > 1 and rel.parts[0] in within and rel.suffix.lower() in IMAGE_EXTENSIONS:
+            within[rel.parts[0]].append(root / rel)
+    samples = [(f, index[folder]) for folder in folders for f in within[folder]]
     if not samples:
         raise InputError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return samples, classes

@@ -112,3 +112,69 @@ def test_report_for_apply_uses_the_same_split_and_figures_as_verification(sample
     for l in audit.doc["layers"]:
         assert l["null_dim"] == ref[l["name"]]["null_dim"]
         assert l["rel_weight_change"] == pytest.approx(ref[l["name"]]["rel_weight_change"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def resnet_rows():
+    """Audit rows of the shipped test_resnet against a copy with every conv/linear weight moved by 1e-3
+    (BatchNorm left alone): real layer names, real drifts, and BatchNorm weight changes of exactly 0."""
+    import torch
+
+    from teleport_cli.audit.compare import audit_models
+    from teleport_cli.audit.settings import AuditSettings
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.models.loading import load_model
+
+    a = load_model(SAMPLES / "fmnist_test_resnet_mid.safetensors")[0].eval()
+    b = load_model(SAMPLES / "fmnist_test_resnet_mid.safetensors")[0].eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, m in b.named_modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.mul_(1 + 1e-3 * torch.randn(m.weight.shape, generator=g))
+    data = TensorData(torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
+    rows = audit_models(a, b, data, settings=AuditSettings(iterations=2, probes=1)).doc["layers"]
+    bn = {n for n, m in a.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    return rows, bn
+
+
+def _overlap(p, q) -> float:
+    return max(0.0, min(p.x1, q.x1) - max(p.x0, q.x0)) * max(0.0, min(p.y1, q.y1) - max(p.y0, q.y0))
+
+
+def test_drift_plot_legend_covers_no_bar_and_unchanged_weights_are_zero(resnet_rows):
+    from teleport_cli.audit.html import drift_figure
+
+    rows, bn = resnet_rows
+    shown = [r for r in rows if r["output_drift"] is not None]
+    zeros = [r["name"] for r in shown if r["rel_weight_change"] == 0.0]
+    assert bn and set(zeros) >= bn & {r["name"] for r in shown} and zeros  # BatchNorm rows are drawn and unchanged
+    # also a case with one bar reaching the top of the axis at the legend's old corner
+    tall = [dict(r) for r in shown]
+    tall[0]["output_drift"] = max(r["output_drift"] for r in shown) * 1e3
+    for case in (shown, tall):
+        fig = drift_figure(case)
+        try:
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            ax = fig.axes[0]
+            legend = ax.get_legend().get_window_extent(renderer)
+            bars = [p.get_window_extent(renderer) for p in ax.patches if p.get_height() > 0]
+            assert len(bars) == sum((r["output_drift"] or 0) > 0 for r in case) + sum((r["rel_weight_change"] or 0) > 0 for r in case)
+            assert all(_overlap(legend, b) == 0.0 for b in bars)
+            assert _overlap(legend, ax.get_window_extent(renderer)) == 0.0  # outside the plotting area altogether
+            assert _overlap(legend, ax.title.get_window_extent(renderer)) == 0.0
+            # no bar of invented height: every bar is one of the positive values, the axis bottom is above 1e-12
+            heights = sorted(p.get_height() for p in ax.patches)
+            positive = sorted(v for r in case for v in (r["output_drift"], r["rel_weight_change"]) if (v or 0) > 0)
+            assert heights == pytest.approx(positive, rel=1e-12)
+            assert ax.get_ylim()[0] >= min(positive) / 10 * (1 - 1e-9)
+            # each zero is a "0" in its own slot: at the weight-change offset of that layer
+            marks = sorted(t.get_position()[0] for t in ax.texts if t.get_gid() == "zero")
+            names = [r["name"] for r in case]
+            assert marks == pytest.approx(sorted(names.index(n) + 0.2 for n in zeros))
+            assert all(t.get_text() == "0" for t in ax.texts if t.get_gid() == "zero")
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)

@@ -58,3 +58,40 @@ def test_bench_cli_json_and_plots(samples, tmp_path):
         statistics.fmean(orig["train_curve_mean"][-2:]), rel=1e-9)
     assert (out / "train_loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "holdout_loss.png").exists()
     assert json.loads((out / "bench.json").read_text())["variants"].keys() == doc["variants"].keys()
+
+
+def test_bench_table_and_random_cost(samples, monkeypatch):
+    """The table prints the original's own steps_to_target_ratio (mean of the JSON's per-seed values),
+    not 1; the random variant costs its Grams and bases (each basis made 30 ms slower here), not 0."""
+    import time
+
+    import teleport_cli.pipeline as pipeline
+
+    real = pipeline.layer_basis
+    slowed = []
+
+    def slow(*a, **k):
+        time.sleep(0.03)
+        slowed.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "layer_basis", slow)
+    r = CliRunner().invoke(cli, ["bench", str(samples / "mlp_digits_mid.safetensors"), "--data", str(samples / "digits_train.safetensors"),
+                                 "--holdout", str(samples / "digits_holdout.safetensors"), "--steps", "20", "--seeds", "2",
+                                 "--variants", "original,nullspace,random", "--teleport-steps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    v = doc["variants"]
+    assert slowed  # the bases were computed through the slowed function
+    assert v["random"]["teleport_seconds"] >= 0.03 * len(slowed)
+    assert v["random"]["grams_and_bases_seconds"] >= 0.03 * len(slowed)
+    assert v["random"]["teleport_seconds"] < v["nullspace"]["teleport_seconds"]  # the ascent is not part of it
+    per = v["original"]["self_steps_to_target_ratio_per_seed"]
+    own = statistics.fmean(per)
+    assert v["original"]["self_steps_to_target_ratio"] == pytest.approx(own, rel=1e-12)
+    assert own < 1  # on 20 noisy steps the original touches its own final loss early
+    row = next(line for line in r.stderr.splitlines() if line.strip("│ ").startswith("original"))
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    assert cells[3] == f"{own:.3f}"
+    rand = next(line for line in r.stderr.splitlines() if line.strip("│ ").startswith("random"))
+    assert [c.strip() for c in rand.split("│") if c.strip()][4] == f"{v['random']['teleport_seconds']:.2f}" != "0.00"

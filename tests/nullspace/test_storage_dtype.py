@@ -13,7 +13,6 @@ from teleport_cli.config import TeleportConfig
 from teleport_cli.data.tensors import TensorData
 from teleport_cli.models.builtin import MLP
 from teleport_cli.nullspace.storage_dtype import verify_storage
-from teleport_cli.pipeline import apply
 
 
 @pytest.mark.parametrize(
@@ -140,35 +139,49 @@ def test_a_cast_that_fails_verification_is_exit_4_and_writes_nothing(tmp_path, m
 
 
 def test_float16_resnet_teleports_verifies_after_the_cast_and_stays_float16(tmp_path):
-    """The shipped mid-training test_resnet (BatchNorm) stored in float16: every step is checked
-    after rounding, the cast check runs in eval mode, and the output is float16 and verified."""
+    """The shipped mid-training test_resnet (BatchNorm) stored in float16, teleported by the CLI at
+    defaults: every step is checked after rounding, the cast check runs in eval mode, exit 0, every
+    stored tensor keeps its dtype, and the JSON's losses are those of the file as written
+    (recomputed here in float32 from the written tensors, outside the pipeline)."""
+    from click.testing import CliRunner
     from safetensors import safe_open
 
+    from teleport_cli.cli import cli
     from teleport_cli.data.sources import load_data
     from teleport_cli.models.loading import load_model
-    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
 
     samples = Path(__file__).resolve().parents[2] / "sample_checkpoints"
     src_file = samples / "fmnist_test_resnet_mid.safetensors"
     with safe_open(str(src_file), "pt") as f:
         meta = dict(f.metadata())
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src_file)).items()}
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     src, out = tmp_path / "r16.safetensors", tmp_path / "out.safetensors"
     save_file(state, str(src), metadata=meta)
     cal, hold = samples / "fmnist_calibration", samples / "fmnist_holdout"
-    result = apply(src, cal, out, TeleportConfig(steps=3, device="cpu"), holdout=hold)
-    doc = result.to_dict()
+    r = CliRunner().invoke(cli, ["apply", str(src), "--data", str(cal), "--holdout", str(hold), "-o", str(out), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
     assert doc["verified"] is True and doc["steps_accepted"] >= 1
-    assert doc["checkpoint"]["storage"]["cast"] is True and doc["checkpoint"]["storage"]["passed"] is True
+    storage = doc["checkpoint"]["storage"]
+    assert storage["cast"] is True and storage["passed"] is True and storage["dtypes"] == ["float16"]
     after = load_file(str(out))
-    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in state.items()}
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert after[k].dtype == v.dtype, k
     assert any(not torch.equal(after[k], state[k]) for k in state)
-    # an independent check of the file as written: float64 losses of both files, in eval mode
-    losses = []
-    for path in (src, out):
-        model, _, _, _ = load_model(path)
-        data = load_data(cal, json.loads(meta["data_config"]), model).data
-        model = model.double().eval()
+    # the file as written, in float32, in eval mode: its losses are the JSON's
+    model = load_model(src)[0]
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in after.items()})
+    model = model.float().eval()
+    original = load_model(src)[0].float().eval()
+    for name, folder in (("calibration", cal), ("holdout", hold)):
+        data = load_data(folder, json.loads(meta["data_config"]), model).data
         with torch.no_grad():
-            losses.append(float(LOSS_FUNCTIONS["ce"](model(data.inputs.double()), data.targets)) / len(data))
-    assert abs(losses[1] - losses[0]) <= 5e-3 * losses[0] + 1e-5
+            l1 = F.cross_entropy(model(data.inputs.float()), data.targets).item()
+            l0 = F.cross_entropy(original(data.inputs.float()), data.targets).item()
+        assert doc[name]["samples"] == len(data)
+        assert storage[name]["loss_after_cast"] == pytest.approx(l1, rel=1e-5)
+        assert doc[name]["loss_after"] == pytest.approx(l1, rel=1e-5)  # the steps were rounded: nothing left to cast
+        assert doc[name]["loss_before"] == pytest.approx(l0, rel=1e-5)
+        assert abs(l1 - l0) <= doc[name]["tolerance"] * l0 + 1e-5

@@ -1,0 +1,142 @@
+"""The guard's confidence bound and the step-back rule, against independent float64 computations.
+
+The bound (docs/guard.md): with ``d_i = l_i(W) - l_i(W0)`` the paired per-sample loss changes on
+the guard's ``n`` samples, a point is trusted when
+``|mean d| + 2 s / sqrt(n) <= trust_tolerance * |L0| + 1e-6 + floor`` (``s`` the sample standard
+deviation, n - 1 in the denominator). Here the per-sample losses are recomputed in float64 with
+``F.cross_entropy(reduction="none")`` on a float64 copy of each model, not through the guard's code.
+"""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from teleport_cli.config import TeleportConfig
+from teleport_cli.models.builtin import MLP
+from teleport_cli.nullspace.ascent import ascend
+from teleport_cli.nullspace.bases import layer_basis
+from teleport_cli.nullspace.capture import capture_grams
+from teleport_cli.nullspace.guard import Guard
+from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+from teleport_cli.nullspace.selection import find_layers
+
+CE = LOSS_FUNCTIONS["ce"]
+
+
+def _losses64(model, x, y) -> list[float]:
+    m = MLP(8, [12], 4).double().eval()
+    m.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        return F.cross_entropy(m(x.double()), y, reduction="none").tolist()
+
+
+def _bound(model, original, x, y) -> tuple[float, float, float]:
+    """(|mean d| + 2 s / sqrt(n), |mean d|, L0) from float64 per-sample losses."""
+    l0, l1 = _losses64(original, x, y), _losses64(model, x, y)
+    d = [b - a for a, b in zip(l0, l1)]
+    return abs(statistics.fmean(d)) + 2 * statistics.stdev(d) / math.sqrt(len(d)), abs(statistics.fmean(d)), statistics.fmean(l0)
+
+
+def _setup(seed=0, n_fit=6, n_guard=20):
+    torch.manual_seed(seed)
+    model = MLP(8, [12], 4).eval()
+    x, y = torch.randn(n_fit, 8), torch.randint(0, 4, (n_fit,))
+    gx, gy = torch.randn(n_guard, 8), torch.randint(0, 4, (n_guard,))
+    return model, [(x, y)], (gx, gy)
+
+
+def _moved(model, scale, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = MLP(8, [12], 4).eval()
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("n_guard", [5, 20])
+def test_confidence_bound_matches_an_independent_computation(n_guard):
+    model, _, (gx, gy) = _setup(n_guard=n_guard)
+    for scale in (1e-3, 1e-2, 5e-2):
+        moved = _moved(model, scale)
+        bound, mean, l0 = _bound(moved, model, gx, gy)
+        assert bound > 1e-4  # well above float32 roundoff
+        # trust tolerances just above and just below the independent bound: the rule flips there
+        for factor, expected in ((1.001, True), (0.999, False)):
+            tol = (bound * factor - 1e-6) / l0
+            gate, trusted = Guard(model, [(gx, gy)], CE, tolerance=10.0, trust_tolerance=tol).check(moved)
+            assert gate and trusted is expected, (scale, factor)
+        # the spread term is there: a tolerance the mean alone meets is not enough
+        if bound > 1.01 * mean:
+            tol = ((mean + bound) / 2 - 1e-6) / l0
+            assert not Guard(model, [(gx, gy)], CE, tolerance=10.0, trust_tolerance=tol).check(moved)[1]
+        # the sample standard deviation (n - 1), not the population one (n)
+        pop = mean + 2 * statistics.pstdev([b - a for a, b in zip(_losses64(model, gx, gy), _losses64(moved, gx, gy))]) / math.sqrt(n_guard)
+        tol = ((pop + bound) / 2 - 1e-6) / l0
+        assert not Guard(model, [(gx, gy)], CE, tolerance=10.0, trust_tolerance=tol).check(moved)[1]
+        # the gate is the calibration rule on the guard's mean loss
+        tol = (mean * 1.001 - 1e-6) / l0, (mean * 0.999 - 1e-6) / l0
+        assert Guard(model, [(gx, gy)], CE, tolerance=tol[0], trust_tolerance=None).check(moved) == (True, True)
+        assert Guard(model, [(gx, gy)], CE, tolerance=tol[1], trust_tolerance=None).check(moved) == (False, False)
+
+
+def _ascend(model, fit, guard, rule, trust, steps=8):
+    moved = MLP(8, [12], 4).eval()
+    moved.load_state_dict(model.state_dict())
+    layers, _ = find_layers(moved)
+    accs = capture_grams(moved, layers, fit)
+    bases = {s.name: layer_basis(s.name, accs[s.name].gram, 1.0) for s, _ in layers}
+    path = []
+
+    def on_step(accepted, record, log):
+        if record is not None:  # the weights of each accepted point, as the loop holds them
+            path.append({k: v.detach().clone() for k, v in moved.state_dict().items()})
+
+    config = TeleportConfig(tau=1.0, steps=steps, step_size=0.05, max_step=1.0, device="cpu")
+    stats = ascend(moved, fit, layers, bases, config, CE, on_step=on_step, guard=[guard], guard_tolerance=10.0,
+                   guard_trust=trust, guard_rule=rule)
+    return moved, stats, path
+
+
+def test_step_back_lands_on_the_furthest_point_the_guard_trusts():
+    model, fit, (gx, gy) = _setup()
+    # the accepted path does not depend on the trust tolerance under step_back (only the gate rejects)
+    _, free, path = _ascend(model, fit, (gx, gy), "step_back", None)
+    assert free.step_backs == 0 and len(path) == free.steps_accepted >= 5
+    bounds = []
+    for state in path:
+        m = MLP(8, [12], 4).eval()
+        m.load_state_dict(state)
+        bounds.append(_bound(m, model, gx, gy))
+    l0 = bounds[0][2]
+    values = [b for b, _, _ in bounds]
+    # a threshold between the bounds of the path's 3rd point and its largest: later points are not trusted
+    threshold = (sorted(values)[2] + sorted(values)[3]) / 2
+    trust = (threshold - 1e-6) / l0
+    furthest = max(i + 1 for i, b in enumerate(values) if b <= threshold)
+    assert furthest < len(path)  # the case must step back
+    moved, stats, path2 = _ascend(model, fit, (gx, gy), "step_back", trust)
+    assert len(path2) == len(path) and all(torch.equal(a[k], b[k]) for a, b in zip(path, path2) for k in a)
+    assert stats.step_backs == len(path) - furthest and stats.steps_accepted == furthest
+    final = moved.state_dict()
+    assert all(torch.equal(final[k], path[furthest - 1][k]) for k in final)
+    # the reported state is that point's: its calibration loss and gradient norm, recomputed
+    m = MLP(8, [12], 4).eval()
+    m.load_state_dict(path[furthest - 1])
+    (x, y), = fit
+    loss = F.cross_entropy(m(x), y, reduction="sum") / len(y)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    assert stats.loss_after == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert stats.grad_norm_after == pytest.approx(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))), rel=1e-4)
+
+    # the default rule rejects the untrusted steps instead: every accepted point is trusted, none undone
+    _, gated, path3 = _ascend(model, fit, (gx, gy), "gate", trust)
+    assert gated.step_backs == 0
+    for state in path3:
+        m = MLP(8, [12], 4).eval()
+        m.load_state_dict(state)
+        assert _bound(m, model, gx, gy)[0] <= threshold * (1 + 1e-4)
