@@ -156,12 +156,14 @@ def teleport(
             event("capture", done[0], len(fit), {})
 
         event("capture", 0, len(fit), {})
-        accs = capture_grams(model, layers, fit_batches, captured)
+        # tau < 1: float32 Gram products and eigh (float64 for the tau = 1 rank rule or a float64 model)
+        precision = torch.float32 if config.tau < 1.0 and next(model.parameters()).dtype != torch.float64 else torch.float64
+        accs = capture_grams(model, layers, fit_batches, captured, product_dtype=precision)
         basis_layers = [spec for spec, _ in layers if accs[spec.name].calls > 0 and accs[spec.name].plain]
         bases = {}
         for i, spec in enumerate(basis_layers):
             event("bases", i, len(basis_layers), {})
-            bases[spec.name] = layer_basis(spec.name, accs[spec.name].gram, config.tau)
+            bases[spec.name] = layer_basis(spec.name, accs[spec.name].gram, config.tau, precision)
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
