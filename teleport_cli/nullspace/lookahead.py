@@ -9,7 +9,10 @@ Its gradient is backpropagated through the virtual steps:
 ``v_k = grad L(theta_k)``, then ``v_i = v_{i+1} - lr * H(theta_i) v_{i+1}`` for i = k-1 .. 0,
 each ``H v`` a streaming Hessian-vector product over the whole calibration set
 (:mod:`teleport_cli.nullspace.hvp`; a forward difference reuses the gradient at theta_i). Cost per
-evaluation: k + 1 gradient passes and k Hessian-vector products.
+evaluation: k + 1 gradient passes and k Hessian-vector products. With the calibration set in one
+batch, the score at theta_k is a forward pass whose graph is kept, and its backward runs only
+when the point is accepted and the direction needs it: a candidate the score rejects costs
+k gradient passes and one forward pass.
 """
 
 from __future__ import annotations
