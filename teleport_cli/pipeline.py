@@ -37,7 +37,7 @@ from .models.loading import load_weights
 from .nullspace.ascent import ascend, relative_changes
 from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
-from .nullspace.derivatives import full_gradient
+from .nullspace.derivatives import whole_set
 from .nullspace.hvp import HessianVectorProduct
 from .nullspace.losses import loss_for
 from .nullspace.objectives import make_objective
@@ -159,7 +159,8 @@ def teleport(
             guard = shard(guard_data).batches(config.batch_size, device)
         fit_batches = shard(fit).batches(config.batch_size, device)
 
-        _, floor = noise_floor(model, cal_batches, loss_fn, cal.source)
+        original_outputs: list = []  # the original's calibration outputs, kept for verify
+        _, floor = noise_floor(model, cal_batches, loss_fn, cal.source, original_outputs)
         layers, excluded = find_layers(model)
         done = [0]
 
@@ -168,11 +169,12 @@ def teleport(
             event("capture", done[0], len(fit), {})
 
         event("capture", 0, len(fit), {})
+        precision = torch.float32 if config.tau < 1.0 and next(model.parameters()).dtype != torch.float64 else torch.float64  # eigh
         accs = capture_grams(model, layers, fit_batches, captured)
         basis_layers = [spec for spec, _ in layers if accs[spec.name].calls > 0 and accs[spec.name].plain]
         event("bases", 0, len(basis_layers), {})
         # data parallel: each eigendecomposition on one rank, sent to all (eigh may differ between processes)
-        bases = map_by_rank(lambda name: layer_basis(name, accs[name].gram, config.tau), [s.name for s in basis_layers], device)
+        bases = map_by_rank(lambda name: layer_basis(name, accs[name].gram, config.tau, precision), [s.name for s in basis_layers], device)
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
@@ -186,6 +188,7 @@ def teleport(
         ascent_start = [time.perf_counter()]
 
         lookahead_lr = config.lr
+        fit_states: dict = {}  # the ascent's gradient states on the fit part, before and after (for whole_set)
         if config.method != "nullspace":  # baselines: gradient-norm ascent on the level set without null spaces
             from .baselines.levelset import levelset_teleport
 
@@ -209,14 +212,12 @@ def teleport(
                                        seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
                            on_step=stepped, guard=guard, guard_tolerance=config.tolerance,
-                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes)
+                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes, states=fit_states)
             if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
                 stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
-        if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
-            params0 = [p for p in model.parameters() if p.requires_grad]
-            params1 = [p for p in moved.parameters() if p.requires_grad]
-            before = full_gradient(model, cal_batches, loss_fn, params0, len(cal))
-            after = full_gradient(moved, cal_batches, loss_fn, params1, len(cal))
+        if guard is not None and "before" in fit_states:  # loss and gradient norm over the whole calibration set
+            before = whole_set(fit_states["before"], model, guard, loss_fn, len(fit), len(cal))
+            after = whole_set(fit_states["after"], moved, guard, loss_fn, len(fit), len(cal))
             stats = dataclasses.replace(stats, loss_before=before.loss, loss_after=after.loss,
                                         grad_norm_before=before.grad_norm, grad_norm_after=after.grad_norm)
         broadcast_(list(moved.parameters()))  # data parallel: every rank leaves with rank 0's weights
@@ -224,7 +225,7 @@ def teleport(
         event("ascent", stats.steps_accepted, stats.steps_accepted, {"accepted": stats.steps_accepted, "rejected": stats.steps_rejected,
               "grad_norm_ratio": stats.grad_norm_ratio, "seconds": stats.seconds, "stop_reason": stats.stop_reason})
         event("verify", 0, 2, {})
-        check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor)
+        check_cal = compare(model, moved, cal_batches, loss_fn, name="calibration", tolerance=config.tolerance, floor=floor, reference=original_outputs)
         event("verify", 1, 2, {})
         check_hold = compare(model, moved, hold_batches, hold_loss_fn, name="holdout", tolerance=config.holdout_tolerance, floor=floor)
         event("verify", 2, 2, {})

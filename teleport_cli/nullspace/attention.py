@@ -85,10 +85,10 @@ def make_attention_hook(accs: dict, check_plain: Callable[[torch.Tensor, torch.T
     def add(acc, blocks: list[torch.Tensor]) -> None:
         rows = 0
         for i, x in enumerate(blocks):
-            x = token_rows(x.detach()).to(torch.float64)
+            x = token_rows(x.detach()).to(acc.product_dtype)
             if acc.gram is None:
                 acc.gram = torch.zeros(acc.spec.groups, acc.spec.d_in, acc.spec.d_in, dtype=torch.float64, device=x.device)
-            acc.gram[i] += x.T @ x
+            acc.gram[i] += (x.T @ x).to(torch.float64)
             rows = max(rows, x.shape[0])
         acc.rows += rows
         acc.calls += 1

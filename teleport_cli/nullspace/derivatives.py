@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..parallel.collective import all_reduce_sum
+from ..parallel.group import active
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,10 +44,14 @@ class GradientState:
 
 def full_gradient(model: nn.Module, batches: Batches, loss_fn: Callable, params: Sequence[torch.Tensor], n: int) -> GradientState:
     """Loss and gradient of the mean calibration loss over all batches (one streaming pass)."""
+    return _streamed_gradient(model, batches, loss_fn, params, n)
+
+
+def _streamed_gradient(forward: Callable, batches: Batches, loss_fn: Callable, params: Sequence[torch.Tensor], n: int) -> GradientState:
     grads = [torch.zeros_like(p) for p in params]
     total = 0.0
     for x, y in batches:
-        loss_b = loss_fn(model(x), y) / n
+        loss_b = loss_fn(forward(x), y) / n
         gs = torch.autograd.grad(loss_b, params, allow_unused=True)
         for acc, g in zip(grads, gs):
             if g is not None:
@@ -55,6 +60,71 @@ def full_gradient(model: nn.Module, batches: Batches, loss_fn: Callable, params:
     total, = all_reduce_sum(grads, total)  # data parallel: the sums of every rank's shard
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
     return GradientState(total, grads, norm)
+
+
+def whole_set(fit_state: GradientState, model: nn.Module, guard: Batches, loss_fn: Callable, n_fit: int, n_all: int) -> GradientState:
+    """Loss and gradient over fit + guard samples from the fit part's state and one gradient pass
+    over the guard alone: ``L = (n_fit L_fit + n_guard L_guard) / n`` and likewise the gradient
+    (both are means of per-sample terms), instead of a pass over the whole calibration set.
+    ``fit_state`` is over the trainable parameters of ``model`` (in ``model.parameters()`` order)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    part = full_gradient(model, guard, loss_fn, params, n_all)  # the guard's share: its summed loss / n
+    w = n_fit / n_all
+    grads = [w * a + b for a, b in zip(fit_state.grads, part.grads)]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    return GradientState(w * fit_state.loss + part.loss, grads, norm)
+
+
+def one_batch(batches: Batches) -> bool:
+    """Whether a pass over ``batches`` is a single batch whose graph may be kept (one process
+    only: under torchrun every rank must take the same path, so the same collectives)."""
+    return hasattr(batches, "__len__") and len(batches) == 1 and active() is None
+
+
+class PendingGradient:
+    """The mean calibration loss now, its gradient (a :class:`GradientState`) on demand.
+
+    With one batch, the forward pass runs with autograd on and keeps its graph: ``loss`` is the
+    gradient pass's own loss and :meth:`gradient` costs only the backward, with the same values
+    as :func:`full_gradient` (the same operations in the same order). With more batches (or a
+    stream without a length) ``loss`` comes from a no-grad forward pass and :meth:`gradient`
+    runs :func:`full_gradient`: the graphs of all batches at once would break the batch-size
+    budget. Callers test the loss first and take the gradient only when they need it, so a
+    rejected candidate costs one forward pass and an accepted one a single gradient pass.
+
+    ``params`` may be fresh leaf tensors fed to the model by ``forward(x)`` (for example through
+    ``torch.func.functional_call``); ``forward`` defaults to ``model``. The parameters must not
+    be changed in place between construction and :meth:`gradient`.
+    """
+
+    def __init__(self, model: nn.Module, batches: Batches, loss_fn: Callable, params: Sequence[torch.Tensor], n: int,
+                 forward: Callable | None = None) -> None:
+        self.model, self.batches, self.loss_fn, self.params, self.n = model, batches, loss_fn, list(params), n
+        self.forward = forward or model
+        self._loss_b: torch.Tensor | None = None
+        self._state: GradientState | None = None
+        if one_batch(batches):
+            x, y = next(iter(batches))
+            self._loss_b = loss_fn(self.forward(x), y) / n
+            self.loss = 0.0 + float(self._loss_b.detach())
+        else:
+            with torch.no_grad():
+                self.loss = sum(float(loss_fn(self.forward(x), y)) for x, y in batches) / max(n, 1)
+        self.loss, = all_reduce_sum((), self.loss)  # data parallel: ranks may differ in path, not in collectives
+
+    def gradient(self) -> GradientState:
+        """Loss and gradient at the point of construction (computed once)."""
+        if self._state is None:
+            if self._loss_b is None:
+                self._state = _streamed_gradient(self.forward, self.batches, self.loss_fn, self.params, self.n)
+            else:
+                gs = torch.autograd.grad(self._loss_b, self.params, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else torch.zeros_like(p) + g for p, g in zip(self.params, gs)]
+                all_reduce_sum(grads, 0.0)  # the same collectives as _streamed_gradient's
+                norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+                self._state = GradientState(self.loss, grads, norm)
+                self._loss_b = None  # the graph is freed
+        return self._state
 
 
 def hessian_vector_product(

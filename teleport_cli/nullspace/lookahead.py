@@ -9,15 +9,30 @@ Its gradient is backpropagated through the virtual steps:
 ``v_k = grad L(theta_k)``, then ``v_i = v_{i+1} - lr * H(theta_i) v_{i+1}`` for i = k-1 .. 0,
 each ``H v`` a streaming Hessian-vector product over the whole calibration set
 (:mod:`teleport_cli.nullspace.hvp`; a forward difference reuses the gradient at theta_i). Cost per
-evaluation: k + 1 gradient passes and k Hessian-vector products.
+evaluation: k + 1 gradient passes and k Hessian-vector products. With the calibration set in one
+batch, the score at theta_k is a forward pass whose graph is kept, and its backward runs only
+when the point is accepted and the direction needs it: a candidate the score rejects costs
+k gradient passes and one forward pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .derivatives import GradientState, full_gradient
+from .derivatives import GradientState, PendingGradient, full_gradient, one_batch
 from .hvp import HessianVectorProduct
+
+
+def _pending_last(model, batches, loss_fn, params, grads, lr: float, n: int) -> PendingGradient:
+    """The last virtual step without touching the model: ``theta_k = theta_{k-1} - lr g`` as fresh
+    leaf tensors fed through ``torch.func.functional_call`` (the same float operations as the
+    in-place step), so the forward pass's graph stays valid after the parameters are restored and
+    the gradient at theta_k costs only its backward, when an accepted step needs it."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    moved = [(p.detach() - lr * g).requires_grad_(True) for p, g in zip(params, grads)]
+    table = {names[id(p)]: m for p, m in zip(params, moved)}
+    return PendingGradient(model, batches, loss_fn, moved, n,
+                           forward=lambda x: torch.func.functional_call(model, table, (x,)))
 
 
 class LookaheadObjective:
@@ -39,7 +54,10 @@ class LookaheadObjective:
         origin = [p.detach().clone() for p in params]
         states = [state]
         try:
-            for _ in range(self.steps):
+            for i in range(self.steps):
+                if i == self.steps - 1 and one_batch(batches):
+                    states.append(_pending_last(model, batches, loss_fn, params, states[-1].grads, self.lr, n))
+                    break
                 with torch.no_grad():
                     for p, g in zip(params, states[-1].grads):
                         p.sub_(self.lr * g)
@@ -52,14 +70,16 @@ class LookaheadObjective:
         return states
 
     def score(self, model, batches, loss_fn, params, state: GradientState, n: int) -> float:
-        """``L(theta_k)``: mean calibration loss after the virtual steps (nats)."""
+        """``L(theta_k)``: mean calibration loss after the virtual steps (nats); with one batch a
+        forward pass at theta_k, whose graph :meth:`direction` reuses for the gradient there."""
         return self._trajectory(model, batches, loss_fn, params, state, n)[-1].loss
 
     def direction(self, model, batches, loss_fn, params, wrt, state: GradientState, n: int) -> list[torch.Tensor]:
         """``d L(theta_k) / d wrt`` by reverse accumulation through the virtual steps."""
         states = self._trajectory(model, batches, loss_fn, params, state, n)
         origin = [p.detach().clone() for p in params]
-        v = [g.clone() for g in states[-1].grads]
+        last = states[-1].gradient() if isinstance(states[-1], PendingGradient) else states[-1]
+        v = [g.clone() for g in last.grads]
         try:
             for i in reversed(range(self.steps)):
                 with torch.no_grad():  # move to theta_i = theta_0 - lr * sum_{j<i} g_j, by the same

@@ -36,13 +36,28 @@ def forward_checked(model: nn.Module, x: torch.Tensor, source: str) -> torch.Ten
         ) from None
 
 
+# the original's outputs are kept for verify up to this many bytes (else verify reruns the original)
+KEEP_BYTES = 64 * 2**20
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data") -> float:
-    """Mean loss over all batches (nats), in one streaming pass."""
-    total, n = 0.0, 0
+def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data", keep: list | None = None) -> float:
+    """Mean loss over all batches (nats), in one streaming pass.
+
+    ``keep``: a list that receives each batch's outputs as float32 (for :func:`compare`'s
+    ``reference``); emptied again, and left empty, once they pass ``KEEP_BYTES``.
+    """
+    total, n, kept = 0.0, 0, 0
     for x, y in batches:
-        total += float(loss_fn(forward_checked(model, x, source), y))
+        out = forward_checked(model, x, source)
+        total += float(loss_fn(out, y))
         n += int(x.shape[0])
+        if keep is not None and kept <= KEEP_BYTES:
+            kept += out.numel() * 4
+            if kept <= KEEP_BYTES:
+                keep.append(out.float())
+            else:
+                keep.clear()
     total, n = all_reduce_sum((), total, n)  # data parallel: over every rank's shard
     return total / max(n, 1)
 
@@ -81,15 +96,19 @@ def check_targets(model: nn.Module, data, source: str) -> None:
         )
 
 
-def noise_floor(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data") -> tuple[float, float]:
+def noise_floor(model: nn.Module, batches: Batches, loss_fn: Callable, source: str = "data",
+                keep: list | None = None) -> tuple[float, float]:
     """Run the model twice on the same data; return (loss, |difference|).
+
+    ``keep``: receives the second run's outputs per batch (see :func:`evaluate_loss`), so that
+    :func:`compare` need not run the original a third time.
 
     Raises:
         InputError: the two runs differ by more than ``MAX_NOISE`` of the loss (dropout or other
             randomness active in eval mode, or modules left in training mode).
     """
     a = evaluate_loss(model, batches, loss_fn, source)
-    b = evaluate_loss(model, batches, loss_fn, source)
+    b = evaluate_loss(model, batches, loss_fn, source, keep)
     floor = abs(a - b)
     if floor > MAX_NOISE * max(abs(a), 1e-12):
         training = [n for n, m in model.named_modules() if m.training]
@@ -115,13 +134,20 @@ def compare(
     name: str,
     tolerance: float,
     floor: float,
+    reference: list[torch.Tensor] | None = None,
 ) -> SetCheck:
-    """Run both models on every batch and compare loss, logits and accuracy (streaming)."""
+    """Run both models on every batch and compare loss, logits and accuracy (streaming).
+
+    ``reference``: the original's float32 outputs per batch from an earlier pass over the same
+    batches (``noise_floor(..., keep=...)``); used instead of running ``original`` again when it
+    holds one tensor per batch.
+    """
+    reference = reference if reference and hasattr(batches, "__len__") and len(reference) == len(batches) else None
     loss0 = loss1 = 0.0
     correct0 = correct1 = n = labels = 0  # n: samples (losses are per sample); labels: targets (tokens for lm)
     max_diff = max_logit = 0.0
-    for x, y in batches:
-        a = forward_checked(original, x, name).float()
+    for i, (x, y) in enumerate(batches):
+        a = reference[i] if reference is not None else forward_checked(original, x, name).float()
         b = forward_checked(teleported, x, name).float()
         loss0 += float(loss_fn(a, y))
         loss1 += float(loss_fn(b, y))

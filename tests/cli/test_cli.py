@@ -269,3 +269,45 @@ def test_no_accepted_step_says_not_verified(files):
     assert r.exit_code == 5, r.output
     doc = json.loads(r.stdout)
     assert doc["verified"] is False and doc["output"] is None and doc["steps_accepted"] == 0 and doc["exit_code"] == 5
+
+
+def _loss_and_grad_norm64(model, x, y) -> tuple[float, float]:
+    """Mean cross-entropy and the norm of its gradient over all trainable parameters, in float64."""
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return loss.item(), torch.sqrt(sum((g**2).sum() for g in grads)).item()
+
+
+def test_default_apply_figures_match_a_float64_recomputation(files):
+    """The default run (look-ahead with a guard): the gradient norms over the whole calibration
+    set and the look-ahead's objective before and after, recomputed in float64 from the input and
+    the written file (the pipeline takes them from the passes it already ran: the ascent's fit
+    part plus one gradient over the guard, and a forward pass at the virtual step)."""
+    from teleport_cli.data.tensors import TensorData, split_holdout
+
+    out = files / "out.safetensors"
+    r = run(*_args(files, out, "--json", "-q", "--steps", "3"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["objective"] == "lookahead" and doc["guard_samples"] > 0 and doc["steps_accepted"] >= 1
+    kwargs = {"in_features": 64, "hidden": [128, 64], "num_classes": 10}
+    m0, m1 = MLP(**kwargs).double(), MLP(**kwargs).double()
+    m0.load_state_dict({k: v.double() for k, v in load_file(files / "mlp_digits_mid.safetensors").items()})
+    m1.load_state_dict({k: v.double() for k, v in load_file(out).items()})
+    d = load_file(files / "digits_calibration.safetensors")
+    x, y = d["inputs"].double(), d["targets"]
+    (_, g0), (_, g1) = _loss_and_grad_norm64(m0, x, y), _loss_and_grad_norm64(m1, x, y)
+    assert doc["grad_norm_before"] == pytest.approx(g0, rel=1e-5)
+    assert doc["grad_norm_after"] == pytest.approx(g1, rel=1e-4)  # the written weights are float32
+    # the objective is the fit part's loss after one virtual SGD step at lookahead_lr
+    fit, guard, _ = split_holdout(TensorData(d["inputs"], d["targets"], "cal"), 0.2, 1)
+    assert len(guard) == doc["guard_samples"]
+    xf, yf = fit.inputs.double(), fit.targets
+    lr = doc["lookahead_lr"]
+    for model, key in ((m0, "objective_before"), (m1, "objective_after")):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(F.cross_entropy(model(xf), yf), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(lr * g)
+            assert doc[key] == pytest.approx(F.cross_entropy(model(xf), yf).item(), rel=1e-5), key
