@@ -148,7 +148,7 @@ def teleport(
         fit_batches = fit.batches(config.batch_size, device)
 
         _, floor = noise_floor(model, cal_batches, loss_fn, cal.source)
-        layers, excluded = find_layers(model)
+        layers, excluded = find_layers(model, config.layers, config.exclude)
         done = [0]
 
         def captured(k: int) -> None:
@@ -165,7 +165,7 @@ def teleport(
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
-        moved_layers, _ = find_layers(moved)
+        moved_layers, _ = find_layers(moved, config.layers, config.exclude)
 
         def stepped(step: int, record, log) -> None:
             ratio = log.history[-1].grad_norm / log.grad_norm0 if log.history and log.grad_norm0 > 0 else 1.0
@@ -250,7 +250,7 @@ def resolve_batch_size(model: nn.Module, cal, config: TeleportConfig, event: Pro
 
     check_targets(model, cal, cal.source)  # the data must fit the model before the probe runs it
     event("batch-size", 0, 1, {})
-    layers, _ = find_layers(model)
+    layers, _ = find_layers(model, config.layers, config.exclude)
     choice = choose_batch_size(model, cal, LOSS_FUNCTIONS[config.loss], next(model.parameters()).device,
                                max_memory=config.max_memory, gram_blocks=[(s.groups, s.d_in) for s, _ in layers])
     event("batch-size", 1, 1, {"batch_size": choice.batch_size})
