@@ -184,6 +184,23 @@ def summary_table(cells: dict[str, dict]) -> list[str]:
     return lines
 
 
+PLANNED = [f"{s}__{r}__{o}" for s in ("resnet", "char_lm") for r in ("head", "full") for o in ("sgd", "adamw")]
+
+
+def coverage(cells: dict[str, dict]) -> list[str]:
+    """Which planned cells ran (with their seeds, variants and teleport steps) and which did not."""
+    lines = []
+    for name in PLANNED:
+        doc = cells.get(name)
+        if doc is None:
+            lines.append(f"* `{name}`: not run (out of time on the shared 2-core machine).")
+            continue
+        seeds = [r["seed"] for r in doc["runs"]["none"]]
+        lines.append(f"* `{name}`: seeds {seeds}, variants {', '.join(doc['runs'])}; teleport steps at most {doc.get('teleport', {}).get('steps', 20)}"  # cells written before the key existed ran the default 20
+                     + ("; replicated on fresh seeds" if name + "__fresh" in cells else "") + ".")
+    return lines
+
+
 def write_report() -> None:
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "cells").glob("*.json"))} if (OUT / "cells").exists() else {}
     intro = (ROOT / "bench" / "finetune_findings.md")
@@ -192,14 +209,15 @@ def write_report() -> None:
              f"(machine: {platform.machine()}, 2 shared cores, no GPU, one torch thread, torch {torch.__version__}; "
              "CPU seconds by `time.process_time`).", ""]
     if intro.exists():
-        lines += [intro.read_text().strip().replace("{summary_table}", "\n".join(summary_table(cells))), ""]
+        text = intro.read_text().strip().replace("{summary_table}", "\n".join(summary_table(cells)))
+        lines += [text.replace("{coverage}", "\n".join(coverage(cells))), ""]
     else:
         lines += summary_table(cells) + [""]
     lines += ["## Cells", "", "Cells that ran: " + (", ".join(f"`{n}`" for n in cells) or "none") + ".", ""]
     for name, doc in cells.items():
         fresh = name.endswith("__fresh")
         lines += [f"### {name.replace('__', ', ')}", "",
-                  f"lr {doc['lr']:g} (grid on `none`, mean held-out loss after K: {doc['lr_grid']}), K = {doc['K']}, batch {doc['batch']}, "
+                  f"lr {doc['lr']:g} (grid on `none`, mean held-out loss after K: {', '.join(f'{k}: {v:.4f}' for k, v in doc['lr_grid'].items())}), K = {doc['K']}, batch {doc['batch']}, "
                   f"seeds {[r['seed'] for r in doc['runs']['none']]}. Values: mean ± sd over seeds; λ_max and tr(H) (Lanczos, Hutchinson, "
                   "trained parameters, calibration set) at the start of the fine-tune (for `none`: before any teleport).", ""]
         lines += cell_table(doc)
