@@ -63,13 +63,13 @@ def gain_test(base: list[float | None], other: list[float | None], rnd: list[flo
     """The rule on one metric: per-seed values of ``none`` (``base``), the variant and ``random``.
     None (never reached) fails the test."""
     if any(x is None for x in base + other):
-        return {"gain": None, "pooled_sd": None, "beats_random": None, "passed": False}
+        return {"gain": None, "pooled_sd": None, "beats_random": None, "seeds": len(other), "passed": False}
     sign = 1 if lower_is_better else -1
     gains = [sign * (b - o) for b, o in zip(base, other)]
     pooled = math.sqrt((_sd(base) ** 2 + _sd(other) ** 2) / 2)
     beats = None if rnd is None else sum(r is None or sign * (r - o) > 0 for o, r in zip(other, rnd))
     mean = statistics.fmean(gains)
-    return {"gain": mean, "pooled_sd": pooled, "beats_random": beats, "passed": mean > 2 * pooled and (beats or 0) >= 4}
+    return {"gain": mean, "pooled_sd": pooled, "beats_random": beats, "seeds": len(other), "passed": mean > 2 * pooled and (beats or 0) >= 4}
 
 
 def verdicts(doc: dict) -> dict[str, dict]:
@@ -143,7 +143,7 @@ def plot_cell(doc: dict, path: Path) -> None:
 
 def _rule(m: dict) -> str:
     gain = "n/a" if m["gain"] is None else f"{m['gain']:+.3g} vs 2σ {2 * m['pooled_sd']:.3g}"
-    return f"{'PASS' if m['passed'] else 'no'} ({gain}, beats random {m['beats_random']}/5)"
+    return f"{'PASS' if m['passed'] else 'no'} ({gain}, beats random {m['beats_random']}/{m['seeds']})"
 
 
 def cell_table(doc: dict) -> list[str]:
