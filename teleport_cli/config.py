@@ -80,6 +80,10 @@ class TeleportConfig:
             stability). With it the result is also checked against the SGD stability edge
             ``2 (1 + momentum) / lr``.
         momentum: heavy-ball momentum training resumes with (for the stability edge).
+        layers: fnmatch globs (:func:`fnmatch.fnmatchcase`) over the layer names ``teleport
+            inspect`` lists; only matching layers move (empty: all teleportable layers).
+        exclude: globs of layers that never move, even when ``layers`` matches them. A glob
+            that matches no teleportable layer is a ``ConfigError`` when the model is seen.
         hvp: how the grad-norm and look-ahead objectives (and the look-ahead's ``1 / lambda_max``)
             take Hessian-vector products: ``forward`` (finite differences of gradients, one
             extra gradient pass), ``central`` (two), ``exact`` (double backward), or ``auto``
@@ -112,8 +116,12 @@ class TeleportConfig:
     hvp: str = "auto"
     max_memory: int | None = None
     max_seconds: float | None = None
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for field_ in ("layers", "exclude"):  # lists (e.g. from JSON) become tuples: the config stays hashable
+            object.__setattr__(self, field_, tuple(getattr(self, field_)))
         checks = [
             (0.0 < self.tau <= 1.0, "--tau must be in (0, 1]", "use 1 for the exact null space"),
             (self.steps >= 1, "--steps must be at least 1", None),
@@ -140,6 +148,8 @@ class TeleportConfig:
             (self.probes >= 1, "--probes must be at least 1", None),
             (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "a 64-bit seed"),
             (self.hvp in HVP_MODES, f"--hvp must be one of {', '.join(HVP_MODES)}", None),
+            (self.method == "nullspace" or not (self.layers or self.exclude), "--layers and --exclude need --method nullspace", "the baselines move every trainable parameter"),
+            (all(isinstance(g, str) and g for g in self.layers + self.exclude), "--layers and --exclude take non-empty globs", "e.g. --layers 'fc' --exclude 'layer1.*'"),
         ]
         for ok, message, hint in checks:
             if not ok:

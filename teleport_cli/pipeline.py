@@ -161,7 +161,7 @@ def teleport(
 
         original_outputs: list = []  # the original's calibration outputs, kept for verify
         _, floor = noise_floor(model, cal_batches, loss_fn, cal.source, original_outputs)
-        layers, excluded = find_layers(model)
+        layers, excluded = find_layers(model, config.layers, config.exclude)
         done = [0]
 
         def captured(k: int) -> None:
@@ -178,7 +178,7 @@ def teleport(
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
-        moved_layers, _ = find_layers(moved)
+        moved_layers, _ = find_layers(moved, config.layers, config.exclude)
 
         def stepped(step: int, record, log) -> None:
             ratio = log.history[-1].grad_norm / log.grad_norm0 if log.history and log.grad_norm0 > 0 else 1.0

@@ -90,16 +90,20 @@ class Survey:
     samples: int
 
 
-def survey_model(model: nn.Module, calibration, tau: float, *, batch_size: int = 256) -> Survey:
+def survey_model(model: nn.Module, calibration, tau: float, *, batch_size: int = 256, layers: tuple[str, ...] = (),
+                 exclude: tuple[str, ...] = ()) -> Survey:
     """Capture the Grams of ``model`` on ``calibration`` and summarise each layer at ``tau``.
 
     Args:
         model: any ``nn.Module``; run in eval mode (its mode is restored), on its own device.
         calibration: :class:`~teleport_cli.data.tensors.TensorData` or ``(inputs, targets)``.
         tau: in (0, 1]; 1 is the numerically exact null space (numpy's ``matrix_rank`` rule).
+        layers, exclude: globs that narrow the layers that would move, as ``TeleportConfig``'s
+            (:func:`teleport_cli.nullspace.selection.select_layers`).
 
     Raises:
         InputError: the data do not fit the model.
+        ConfigError: a glob that matches no teleportable layer.
     """
     from ..nullspace.verify import forward_checked
 
@@ -108,7 +112,7 @@ def survey_model(model: nn.Module, calibration, tau: float, *, batch_size: int =
     was_training = model.training
     model.eval()
     try:
-        layers, excluded = find_layers(model)
+        layers, excluded = find_layers(model, tuple(layers), tuple(exclude))
         batches = data.batches(batch_size, device)
         with torch.no_grad():  # shape errors as one-line InputErrors before any hook is set
             forward_checked(model, next(iter(batches))[0], data.source)
@@ -153,7 +157,7 @@ class InspectResult:
 
 def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.99, *, batch_size: int = 256, device: str = "auto",
                        weights: str = "state_dict", trust_pickle: bool = False, model_spec: str | None = None,
-                       model_kwargs: str | dict | None = None) -> InspectResult:
+                       model_kwargs: str | dict | None = None, layers: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> InspectResult:
     """Load a checkpoint and a calibration file and survey every layer at ``tau``.
 
     ``weights``, ``trust_pickle``, ``model_spec`` and ``model_kwargs`` choose the weight set and
@@ -161,7 +165,8 @@ def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.
 
     Raises:
         InputError (exit 3): unreadable checkpoint or data, data that do not fit the model.
-        ConfigError (exit 2): tau outside (0, 1].
+        ConfigError (exit 2): tau outside (0, 1], a ``layers``/``exclude`` glob that matches no
+            teleportable layer.
     """
     from ..config import TeleportConfig
     from ..data.inputs import checkpoint_data_config
@@ -169,8 +174,8 @@ def inspect_checkpoint(checkpoint: str | Path, data: str | Path, tau: float = 0.
     from ..models.device import resolve_device
     from ..models.loading import load_model
 
-    TeleportConfig(tau=tau, batch_size=batch_size, device=device)  # validates the values
+    TeleportConfig(tau=tau, batch_size=batch_size, device=device, layers=layers, exclude=exclude)  # validates the values
     model, ckpt, arch, _ = load_model(checkpoint, weights=weights, trust_pickle=trust_pickle, model_spec=model_spec, model_kwargs=model_kwargs)
     cal: TensorData = load_data(data, checkpoint_data_config(ckpt.metadata, str(checkpoint)), model, what="calibration").data
     model.to(resolve_device(device))
-    return InspectResult(str(checkpoint), str(data), arch, tau, survey_model(model, cal, tau, batch_size=batch_size))
+    return InspectResult(str(checkpoint), str(data), arch, tau, survey_model(model, cal, tau, batch_size=batch_size, layers=layers, exclude=exclude))

@@ -90,6 +90,9 @@ def _layer_table(layers: list[dict]) -> Table:
                    "or auto (forward where eps and eps/4 agree to 1e-2 on the first step, else exact; docs/hvp.md).")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
+@click.option("--layers", "layer_globs", multiple=True, metavar="GLOB",
+              help="Move only the layers whose name (as `teleport inspect` lists it) matches this fnmatch glob; repeatable (default: all).")
+@click.option("--exclude", "exclude_globs", multiple=True, metavar="GLOB", help="Never move the layers matching this glob; repeatable; wins over --layers.")
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @batch_options
 @click.option("--max-seconds", type=float, default=None,
@@ -107,7 +110,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
-          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, layer_globs, exclude_globs, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..parallel.group import env_rank, env_world_size
@@ -120,7 +123,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp,
             guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size, max_memory=max_memory, max_seconds=max_seconds,
-            seed=seed, device=device, loss=loss or D.loss,
+            seed=seed, device=device, loss=loss or D.loss, layers=layer_globs, exclude=exclude_globs,
         )
         files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)
         inputs = [checkpoint, data, holdout, output]

@@ -32,18 +32,21 @@ def _table(doc: dict) -> Table:
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer; 1 = exact null space.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Calibration samples per forward pass.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
+@click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Only the layers matching this fnmatch glob would move (as in `teleport apply`); repeatable.")
+@click.option("--exclude", "exclude_globs", multiple=True, metavar="GLOB", help="The layers matching this glob would not move; repeatable; wins over --layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stderr.")
 @weight_options("inspect")
 @model_options
-def inspect(checkpoint, data, tau, batch_size, device, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
+def inspect(checkpoint, data, tau, batch_size, device, layer_globs, exclude_globs, as_json, quiet, weights, trust_pickle, model_spec, model_kwargs) -> None:
     """One row per layer of CHECKPOINT on the calibration set: kind, d_in, rank of its Gram,
     null-space dimension at --tau, and whether it will be teleported (or why not)."""
     from ..audit.survey import inspect_checkpoint
 
     try:
         doc = inspect_checkpoint(checkpoint, data, tau, batch_size=batch_size, device=device, weights=weights, trust_pickle=trust_pickle,
-                                 model_spec=model_spec, model_kwargs=model_kwargs).to_dict()
+                                 model_spec=model_spec, model_kwargs=model_kwargs,
+                                 layers=layer_globs, exclude=exclude_globs).to_dict()
         doc["weights"] = weights
     except TeleportError as e:
         fail(e)

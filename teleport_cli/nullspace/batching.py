@@ -27,7 +27,7 @@ def resolve_batch_size(model: nn.Module, cal, config: TeleportConfig, event) -> 
 
     check_targets(model, cal, cal.source)  # the data must fit the model before the probe runs it
     event("batch-size", 0, 1, {})
-    layers, _ = find_layers(model)
+    layers, _ = find_layers(model, config.layers, config.exclude)
     with parallel.local():  # no collective in the probe (its forked child must never touch the group)
         choice = choose_batch_size(model, cal, LOSS_FUNCTIONS[config.loss], next(model.parameters()).device,
                                    max_memory=config.max_memory, gram_blocks=[(s.groups, s.d_in) for s, _ in layers])

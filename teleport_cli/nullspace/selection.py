@@ -7,10 +7,13 @@ everything else that holds parameters is listed with its reason (design notes, S
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import ConfigError
 from .attention import attention_specs
 from .layers import Excluded, LayerSpec, _kind_of, spec_of
 
@@ -39,7 +42,35 @@ def _exclusion(module: nn.Module, weight: torch.Tensor | None, others: list[str]
     return None
 
 
-def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], list[Excluded]]:
+def select_layers(
+    layers: list[tuple[LayerSpec, nn.Module]], excluded: list[Excluded], include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+) -> tuple[list[tuple[LayerSpec, nn.Module]], list[Excluded]]:
+    """Keep the teleportable layers whose name matches a glob of ``include`` (all when empty) and
+    none of ``exclude`` (exclude wins); the others join ``excluded`` with their reason.
+
+    Globs are :func:`fnmatch.fnmatchcase` patterns over the layer names ``teleport inspect``
+    lists (``layer4.*``, ``fc``, ``blocks.*.attn.in_proj``).
+
+    Raises:
+        ConfigError (exit 2): a glob that matches no teleportable layer.
+    """
+    names = [spec.name for spec, _ in layers]
+    for flag, globs in (("--layers", include), ("--exclude", exclude)):
+        for glob in globs:
+            if not any(fnmatchcase(n, glob) for n in names):
+                raise ConfigError(f"{flag} {glob!r} matches no teleportable layer", hint="`teleport inspect` lists the layer names")
+    kept, dropped = [], []
+    for spec, module in layers:
+        if any(fnmatchcase(spec.name, g) for g in exclude):
+            dropped.append(Excluded(spec.name, spec.kind, "excluded by --exclude"))
+        elif include and not any(fnmatchcase(spec.name, g) for g in include):
+            dropped.append(Excluded(spec.name, spec.kind, "not matched by --layers"))
+        else:
+            kept.append((spec, module))
+    return kept, dropped + list(excluded)
+
+
+def find_layers(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[list[tuple[LayerSpec, nn.Module]], list[Excluded]]:
     """Discover teleportable layers from the module tree.
 
     A Linear or Conv1d/2d/3d (or a subclass; subclasses are checked against the plain
@@ -48,12 +79,16 @@ def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], li
     ``torch.nn.utils.parametrize``: the stored tensors are not the weight). The projections of
     ``nn.MultiheadAttention`` come from :func:`teleport_cli.nullspace.attention.attention_specs`.
     Every other module that holds parameters (normalisation layers, embeddings, position
-    embeddings, layer scales, ...) is reported as excluded with the reason.
+    embeddings, layer scales, ...) is reported as excluded with the reason. ``include`` and
+    ``exclude`` narrow the teleportable layers by glob (:func:`select_layers`).
 
     Returns:
         (layers, excluded): the teleportable layers in module order as ``(spec, module)``
         pairs (``module`` is the module to hook and to reach the weight from), and the
         excluded modules with their reason.
+
+    Raises:
+        ConfigError: a glob of ``include`` or ``exclude`` that matches no teleportable layer.
     """
     holders: dict[int, dict[int, str]] = {}  # parameter id -> {module id: module name}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -97,4 +132,4 @@ def find_layers(model: nn.Module) -> tuple[list[tuple[LayerSpec, nn.Module]], li
             excluded.append(Excluded(name, kind, reason))
         else:
             layers.append((spec_of(name, module), module))
-    return layers, excluded
+    return select_layers(layers, excluded, tuple(include), tuple(exclude))
