@@ -274,19 +274,6 @@ class ApplyResult:
         o = self.outcome
         v = o.verification
 
-        def set_dict(c):
-            return {
-                "loss_before": c.loss_before,
-                "loss_after": c.loss_after,
-                "relative_loss_drift": c.loss_drift,
-                "max_abs_logit_diff": c.max_abs_logit_diff,
-                "accuracy_before": c.accuracy_before,
-                "accuracy_after": c.accuracy_after,
-                "samples": c.samples,
-                "tolerance": c.tolerance,
-                "passed": c.passed,
-            }
-
         return {
             "verified": v.passed and self.output is not None,  # exit 4 or 5: nothing written, nothing verified
             "output": self.output,
@@ -311,8 +298,8 @@ class ApplyResult:
             "memory": o.batch,
             "noise_floor": v.noise_floor,
             "stability": o.stability,
-            "calibration": set_dict(v.calibration),
-            "holdout": set_dict(v.holdout),
+            "calibration": v.calibration.summary(),
+            "holdout": v.holdout.summary(),
             "holdout_source": "split" if o.holdout_indices is not None else "file",
             "layers": [l.to_dict() for l in o.layers],
             **({"checkpoint": self.files} if self.files is not None else {}),

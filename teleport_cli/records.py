@@ -168,6 +168,12 @@ class SetCheck:
         d["relative_loss_drift"] = _finite(self.loss_drift)
         return d
 
+    def summary(self) -> dict:
+        """The set's entry in ``teleport apply --json`` (``calibration``, ``holdout``)."""
+        keys = ("loss_before", "loss_after", "relative_loss_drift", "max_abs_logit_diff", "accuracy_before",
+                "accuracy_after", "samples", "tolerance", "passed")
+        return {k: (self.loss_drift if k == "relative_loss_drift" else getattr(self, k)) for k in keys}
+
 
 @dataclass(frozen=True)
 class Verification:
