@@ -98,7 +98,7 @@ def teleport(
     *,
     holdout=None,
     on_event: Progress | None = None,
-    storage_dtypes: dict[str, torch.dtype] | None = None,
+    storage_dtypes: dict[str, torch.dtype] | None = None, started: float | None = None,
 ) -> TeleportOutcome:
     """Teleport ``model`` along the calibration-loss level set and verify the result.
 
@@ -121,7 +121,7 @@ def teleport(
     Raises:
         InputError: the data do not fit the model, or the model is not deterministic.
     """
-    config = config or TeleportConfig()
+    started, config = time.perf_counter() if started is None else started, config or TeleportConfig()
     event = on_event or (lambda stage, done, total, info: None)
     loss_fn = LOSS_FUNCTIONS[config.loss]
     device = next(model.parameters()).device
@@ -162,6 +162,7 @@ def teleport(
         for i, spec in enumerate(basis_layers):
             event("bases", i, len(basis_layers), {})
             bases[spec.name] = layer_basis(spec.name, accs[spec.name].gram, config.tau)
+            accs[spec.name].gram = None  # the basis is what the rest needs: the Gram's memory goes (docs/budget.md)
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
@@ -198,7 +199,7 @@ def teleport(
                                        seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
                            on_step=stepped, guard=guard, guard_tolerance=config.tolerance,
-                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes)
+                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes, clock_start=started)
             if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
                 stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
         if guard is not None:  # report loss and gradient norm over the whole calibration set, not the fit part
@@ -386,7 +387,7 @@ def apply(
         model.eval()
         config, batch = resolve_batch_size(model, as_tensor_data(cal, "calibration data"), config, on_event or (lambda *a: None))
         model.train(was_training)
-    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
+    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights), started=start)
     outcome.batch = batch
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model, batch_size=config.batch_size)
     why = no_layer_reason(outcome.layers) if outcome.stats.steps_accepted == 0 else None

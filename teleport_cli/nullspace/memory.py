@@ -8,16 +8,18 @@ is read from ``torch.cuda.max_memory_allocated`` on a GPU, or on the CPU from th
 process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; while it
 measures, glibc is told to return large freed blocks at once so that the growth is not hidden
 by reused pages; this runs in a forked child, so that this process's allocator keeps its own
-faster settings). The peak at batch ``b`` is then estimated linearly,
+faster settings). The peak at batch ``b`` is then estimated linearly, as the larger of two phases,
 
-    ``peak(b) = in_use + reserve + slack * (fixed + per_sample * b)``
+    ``peak(b) = in_use + max(bases_phase, reserve + slack * (fixed + per_sample * b))``
 
-with ``in_use`` the memory held when measuring (model and calibration set), ``reserve`` what
-the run holds besides (the teleported copy and about ``PARAMETER_COPIES`` parameter-sized
-buffers of the ascent, the float64 Gram matrices and their eigenvectors) counted once, and
-``fixed``/``per_sample`` the intercept and slope of the two probes, and ``slack`` the heap's
-overhead over the live tensors on the CPU (``CPU_HEAP_SLACK``; 1 on a GPU). The batch size changes only
-the order of the float sums, never the objective.
+with ``in_use`` the memory held when measuring (model and calibration set); ``bases_phase``
+what building the bases holds (every float64 Gram, the bases, one eigendecomposition's
+workspace; no batch runs then); ``reserve`` what the ascent holds besides its batch (the
+teleported copy and about ``PARAMETER_COPIES`` parameter-sized buffers, and the bases: the
+Grams are freed once their bases are built, so they are not counted there); ``fixed`` and
+``per_sample`` the intercept and slope of the two probes; and ``slack`` the heap's overhead over
+the live tensors on the CPU (``CPU_HEAP_SLACK``; 1 on a GPU). The batch size changes only the
+order of the float sums, never the objective.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ PARAMETER_COPIES = 10
 # glibc's heap (dynamic mmap threshold) holds more than the live tensors: at batch 32 and 64 of a
 # three-layer conv net the peak RSS growth of an HVP was 1.3-2.0x the live memory the probes measure
 CPU_HEAP_SLACK = 2.0
+# float64 d_in x d_in matrices alive while one group is eigendecomposed: the symmetrised Gram
+# (and its temporary), the eigenvectors, and syevd's workspace of about 2 d_in^2
+EIGH_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class BatchChoice:
             ``cuda_free/2``.
         device: ``cpu`` or ``cuda``.
         in_use: memory held when measuring (RSS on the CPU, allocated on the GPU).
-        reserve: parameter copies and Gram matrices counted once.
+        reserve: what the ascent holds besides: parameter copies and the null-space bases.
+        bases_phase: what building the bases holds: the Grams, the bases and one eigh's workspace.
         fixed, per_sample: intercept and slope of the probes' peaks over their batch sizes.
         estimate: the predicted peak at ``batch_size``.
         fits: whether ``estimate <= budget`` (False only when batch 1 does not fit).
@@ -67,6 +73,7 @@ class BatchChoice:
     device: str
     in_use: int
     reserve: int
+    bases_phase: int
     fixed: int
     per_sample: int
     estimate: int
@@ -174,12 +181,36 @@ def _cpu_probes(model, data, loss_fn, params, sizes) -> list[tuple[int, int]]:
     return [tuple(p) for p in json.loads(text)]
 
 
+def gram_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Bytes of the float64 Gram matrices of ``gram_blocks`` ``(groups, d_in)``: ``sum groups * d_in^2 * 8``."""
+    return sum(groups * d_in * d_in * 8 for groups, d_in in gram_blocks)
+
+
+def basis_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """An upper bound on the bytes of the null-space bases of ``gram_blocks``: a group's basis keeps
+    ``min(k, d_in - k) <= d_in // 2`` float64 columns of ``d_in`` (the smaller of the null and
+    kept bases, :func:`teleport_cli.nullspace.bases.layer_basis`)."""
+    return sum(groups * d_in * (d_in // 2) * 8 for groups, d_in in gram_blocks)
+
+
+def eigh_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Transient bytes of the largest group's eigendecomposition: ``EIGH_COPIES`` float64 ``d_in x d_in``
+    matrices (the symmetrised Gram, its eigenvectors and LAPACK's divide-and-conquer workspace)."""
+    return max((EIGH_COPIES * d_in * d_in * 8 for _, d_in in gram_blocks), default=0)
+
+
 def reserve_bytes(model: nn.Module, gram_blocks: list[tuple[int, int]]) -> int:
-    """Memory held beside the batch's: ``PARAMETER_COPIES`` parameter copies and, per layer of
-    ``gram_blocks`` ``(groups, d_in)``, a float64 ``d_in x d_in`` Gram matrix and its eigenvectors."""
+    """Memory held during the ascent beside the batch's: ``PARAMETER_COPIES`` parameter copies and
+    the bases of ``gram_blocks`` (:func:`basis_bytes`). The Grams are freed once their bases are
+    built (:func:`teleport_cli.pipeline.teleport`), so they count only in :func:`bases_phase_bytes`."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    grams = sum(groups * d_in * d_in * 8 for groups, d_in in gram_blocks)
-    return PARAMETER_COPIES * params + 2 * grams
+    return PARAMETER_COPIES * params + basis_bytes(gram_blocks)
+
+
+def bases_phase_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Memory held while the bases are built, beside ``in_use``: every Gram, the bases built so far
+    (bounded by all of them) and the largest eigendecomposition's workspace. No batch runs then."""
+    return gram_bytes(gram_blocks) + basis_bytes(gram_blocks) + eigh_bytes(gram_blocks)
 
 
 def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, max_memory: int | None = None,
@@ -210,10 +241,11 @@ def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, 
     else:  # one probe, or reuse hid the growth: all of the peak scales with the batch
         per_sample, fixed = max(p for _, p in peaks) / peaks[-1][0], 0.0
     reserve = reserve_bytes(model, list(gram_blocks))
+    bases_phase = bases_phase_bytes(list(gram_blocks))
     slack = CPU_HEAP_SLACK if device.type != "cuda" else 1.0
 
-    def estimate(b: int) -> int:
-        return int(in_use + reserve + slack * (fixed + per_sample * min(b, len(data))))
+    def estimate(b: int) -> int:  # the larger of the two phases: building the bases, and the ascent's passes
+        return int(in_use + max(bases_phase, reserve + slack * (fixed + per_sample * min(b, len(data)))))
 
     chosen = 1
     b = MAX_BATCH
@@ -224,5 +256,5 @@ def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, 
         b //= 2
     while chosen > 1 and chosen // 2 >= len(data):  # batches beyond the set's size are all the same
         chosen //= 2
-    return BatchChoice(chosen, int(budget), source, device.type, int(in_use), int(reserve), int(fixed), int(per_sample),
+    return BatchChoice(chosen, int(budget), source, device.type, int(in_use), int(reserve), int(bases_phase), int(fixed), int(per_sample),
                        estimate(chosen), estimate(chosen) <= budget, tuple(peaks))
