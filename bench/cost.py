@@ -94,7 +94,7 @@ def fd_hvp_pass(model, x, y, params, v, g):
     """``(g(w + eps v) - g(w)) / eps``: one gradient pass at the perturbed point (``g`` given)."""
     import torch
 
-    eps = 3.4e-4 * (1 + math.sqrt(sum(float((p.double() ** 2).sum()) for p in params))) / max(
+    eps = 3.4e-4 * (1 + math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in params))) / max(
         math.sqrt(sum(float((t.double() ** 2).sum()) for t in v)), 1e-30)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -194,22 +194,30 @@ def _peak_rss() -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 
-def run_apply(ckpt, data, hold, config) -> dict:
+def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
+    """One ``apply`` in this process. With ``cpu_clock`` the ``--max-seconds`` clock counts this
+    process's CPU seconds (on a shared machine: the budget a dedicated core would give)."""
+    import teleport_cli.nullspace.ascent as ascent
     from teleport_cli.errors import TeleportError
     from teleport_cli.pipeline import apply
 
     events: list[tuple[str, float, float]] = []
+    wall_clock = ascent.clock
     with tempfile.TemporaryDirectory() as tmp:
         _peak_reset()
         c0, w0 = time.process_time(), time.perf_counter()
+        if cpu_clock:  # apply starts its budget at perf_counter() ~ w0: from there on, count CPU seconds
+            ascent.clock = lambda: w0 + (time.process_time() - c0)
         code = 0
         try:
             r = apply(ckpt, data, Path(tmp) / "out.safetensors", config, holdout=hold, loss_from_checkpoint=True,
                       on_event=lambda stage, done, total, info: events.append((stage, time.process_time(), time.perf_counter())))
         except TeleportError as e:
             r, code = getattr(e, "result", None), getattr(e, "exit_code", 1)
+        finally:
+            ascent.clock = wall_clock
         c1, w1 = time.process_time(), time.perf_counter()
-    row = {"exit": code, "cpu": c1 - c0, "wall": w1 - w0, "peak_rss": _peak_rss(),
+    row = {"exit": code, "cpu_clock": cpu_clock, "cpu": c1 - c0, "wall": w1 - w0, "peak_rss": _peak_rss(),
            "phases": phase_split([("load", c0, w0)] + events, (c1, w1))}
     if r is not None:
         st = r.outcome.stats
@@ -241,13 +249,14 @@ def measure(name: str, args, folder: Path) -> dict:
 
     ckpt, data, hold, model, x, y = load_case(name, folder)
     params = sum(p.numel() for p in model.parameters())
-    pieces = floor_pieces(model, x, y, args.repeats)
-    del model
     flags = {} if name in SAMPLES else parse_flags(args.scale_flags)
     config = TeleportConfig(device="cpu", batch_size="auto", **flags)  # the CLI's defaults
-    runs = [run_apply(ckpt, data, hold, config) for _ in range(1 if args.quick else args.apply_repeats)]
-    return {"model": name, "samples": len(x), "params": params, "pieces": pieces, "runs": runs, "flags": args.scale_flags if flags else "",
-            "lookahead_steps": config.lookahead_steps}
+    # apply first: the floor's batch-256 passes would leave their heap in the peak RSS
+    runs = [run_apply(ckpt, data, hold, config, args.cpu_clock and bool(flags)) for _ in range(1 if args.quick else args.apply_repeats)]
+    pieces = floor_pieces(model, x, y, args.repeats)
+    flag_text = args.scale_flags + (" (budget in CPU seconds)" if args.cpu_clock else "") if flags else ""
+    return {"model": name, "samples": len(x), "params": params, "pieces": pieces, "runs": runs, "flags": flag_text,
+            "lookahead_steps": config.lookahead_steps, "floor_batch": BATCH}
 
 
 def parse_flags(text: str) -> dict:
@@ -337,6 +346,9 @@ def render(results: dict, command: str, machine: str) -> str:
         p = row["pieces"]
         lines.append(f"| `{name}` | {row['samples']} | {row['params'] / 1e6:.3g}M | {_s(p['forward'])} | {_s(p['gradient'])} | "
                      f"{_s(p['hvp_fd'])} | {_s(p['hvp_exact'])} |")
+    batches = sorted({row.get("floor_batch", BATCH) for row in results.values()})
+    if batches != [256]:
+        lines += ["", "Floor batch: " + ", ".join(f"`{n}` {row.get('floor_batch', BATCH)}" for n, row in results.items()) + "."]
     lines += ["", "### `apply` at defaults against the floor (without process start-up)", "",
               "| model | flags | runs | exit / verified | objective, HVP | accepted / rejected | stop | batch | CPU s | wall s | "
               "peak RSS GB | floor CPU s | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -376,6 +388,20 @@ def render_growth(g: dict) -> list[str]:
     return lines
 
 
+def clean_command(command: str) -> str:
+    """The command without the file options (``--results``, ``--doc``, ``--merge`` and their values)."""
+    words, out, skip = command.split(), [], False
+    for w in words:
+        if w in ("--results", "--doc", "--merge"):
+            skip = True
+        elif skip and not w.startswith("--"):
+            continue
+        else:
+            skip = False
+            out.append(w)
+    return " ".join(out)
+
+
 def write_section(doc: Path, section: str) -> None:
     """Replace the text between the markers in ``doc`` (or append it), keeping the rest."""
     text = doc.read_text() if doc.exists() else "# What a teleport costs\n"
@@ -401,19 +427,28 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each floor piece")
     ap.add_argument("--apply-repeats", type=int, default=3, help="apply runs per model")
     ap.add_argument("--scale-flags", default="--max-memory 4GB --max-seconds 540", help="apply flags for the timm models at 64x64")
+    ap.add_argument("--cpu-clock", action="store_true", help="count --max-seconds of the timm models in this process's CPU seconds")
+    ap.add_argument("--floor-batch", type=int, default=BATCH, help="batch of the floor's passes (256 in the issue's definition)")
     ap.add_argument("--growth", action="store_true", help="also the growth in N and d_in")
     ap.add_argument("--growth-model", default="fmnist_test_resnet_mid")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 1 apply run")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "cost_results.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "cost.md")
     ap.add_argument("--no-write", action="store_true", help="print the section, write neither results nor docs")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="results files of other runs to merge in first")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 1
+    globals()["BATCH"] = args.floor_batch  # the floor's passes read it
     import torch
 
     torch.set_num_threads(1)
     results = json.loads(args.results.read_text()) if args.results.exists() and not args.no_write else {}
+    for other in args.merge:
+        extra = json.loads(other.read_text())
+        commands = results.get("_commands", []) + [c for c in extra.pop("_commands", []) if c not in results.get("_commands", [])]
+        results.update(extra)
+        results["_commands"] = commands
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m for m in args.models.split(",") if m]:
             if name not in SAMPLES and name not in SCALE:
@@ -423,9 +458,10 @@ def main(argv=None) -> None:
         if args.growth:
             results["_growth"] = {"model": args.growth_model, **growth(args, Path(tmp))}
     command = "PYTHONPATH=. OMP_NUM_THREADS=1 python bench/cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results["_commands"] = [c for c in results.get("_commands", []) if c != command] + [command]
+    if args.models:  # a run, not only a merge and render
+        results["_commands"] = [c for c in results.get("_commands", []) if c != command] + [command]
     models = {k: v for k, v in results.items() if not k.startswith("_")}
-    section = render(models, "`; `".join(results["_commands"]), machine())
+    section = render(models, "`; `".join(clean_command(c) for c in results.get("_commands", [])), machine())
     section = section.replace("\n" + END, "\n".join(render_growth(results.get("_growth"))) + "\n\n" + END)
     if args.no_write:
         print(section)

@@ -2,7 +2,7 @@
 
 The memory of one batch's gradient and double-backward Hessian-vector product is measured, not
 modelled: one HVP (:func:`~teleport_cli.nullspace.derivatives.hessian_vector_product`, the
-costliest pass of an ascent step) runs on a batch of ``b1`` and of ``b2`` samples (after a
+costliest pass of an ascent step; a gradient where the model has no double backward) runs on a batch of ``b1`` and of ``b2`` samples (after a
 warm-up on one sample, for the one-off allocations), and its peak
 is read from ``torch.cuda.max_memory_allocated`` on a GPU, or on the CPU from the growth of the
 process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; while it
@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .derivatives import hessian_vector_product
+from .derivatives import full_gradient, hessian_vector_product
+from .hvp import missing_double_backward
 
 MAX_BATCH = 256
 PROBES = (2, 8)
@@ -131,20 +132,31 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
         pass
 
 
-def _probe(model: nn.Module, x, y, loss_fn, params, device: torch.device) -> int:
-    """Peak memory growth of one gradient + double-backward HVP on the batch ``(x, y)``."""
+def _costliest_pass(model: nn.Module, x, y, loss_fn, params) -> None:
+    """A double-backward HVP on ``(x, y)``; where the model has no double backward (hardswish:
+    MobileNetV3, LCNet) the ascent's products are finite differences of gradients, so a gradient."""
     vector = [torch.ones_like(p) for p in params]
+    try:
+        hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+    except RuntimeError as e:
+        if not missing_double_backward(e):
+            raise
+        full_gradient(model, [(x, y)], loss_fn, params, int(x.shape[0]))
+
+
+def _probe(model: nn.Module, x, y, loss_fn, params, device: torch.device) -> int:
+    """Peak memory growth of the costliest pass (:func:`_costliest_pass`) on the batch ``(x, y)``."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+        _costliest_pass(model, x, y, loss_fn, params)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     before = rss_bytes()
     reset_peak_rss()
-    hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+    _costliest_pass(model, x, y, loss_fn, params)
     return peak_rss_bytes() - before
 
 

@@ -72,3 +72,8 @@ def test_section_replaces_only_its_markers(cost, tmp_path):
     assert "old" not in text and text.count(cost.BEGIN) == 1
     cost.write_section(doc, section)
     assert doc.read_text() == text
+
+
+def test_recorded_command_drops_the_file_options(cost):
+    c = "python bench/cost.py --models a,b --results r.json --doc d.md --merge x.json y.json --quick"
+    assert cost.clean_command(c) == "python bench/cost.py --models a,b --quick"

@@ -208,3 +208,23 @@ def test_grams_are_freed_before_the_ascent(monkeypatch):
     cal, hold = _digits()
     out = teleport(mlp(mid_state()), cal, TeleportConfig(objective="grad-norm", steps=1, device="cpu"), holdout=hold, on_event=event)
     assert len(refs) == 3 and alive == [0] and out.stats.steps_accepted == 1
+
+
+def test_auto_batch_on_a_model_without_double_backward():
+    """hardsigmoid has no double backward (MobileNetV3, LCNet): the probe measures a gradient pass
+    instead of crashing, and the choice is the same rule on its figures."""
+    from torch import nn
+
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.nullspace.derivatives import hessian_vector_product
+    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace.memory import choose_batch_size
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardsigmoid(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    data = TensorData(torch.randn(64, 3, 8, 8), torch.randint(0, 10, (64,)), "random")
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="derivative for"):
+        hessian_vector_product(model, [(data.inputs[:2], data.targets[:2])], LOSS_FUNCTIONS["ce"], params, params, params, 2)
+    choice = choose_batch_size(model, data, LOSS_FUNCTIONS["ce"], torch.device("cpu"), max_memory=2**40)
+    assert choice.fits and choice.batch_size == 64 and len(choice.probes) == 2
