@@ -194,6 +194,12 @@ def _peak_rss() -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 
+def _event(events: list, stage: str, info: dict) -> None:
+    if not events or events[-1][0] != stage or "stop_reason" in info or "batch_size" in info or "accepted" in info:  # progress on stderr
+        print(f"[cost] {stage} {json.dumps(info)} cpu {time.process_time():.1f} s", file=sys.stderr, flush=True)
+    events.append((stage, time.process_time(), time.perf_counter()))
+
+
 def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
     """One ``apply`` in this process. With ``cpu_clock`` the ``--max-seconds`` clock counts this
     process's CPU seconds (on a shared machine: the budget a dedicated core would give)."""
@@ -211,7 +217,7 @@ def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
         code = 0
         try:
             r = apply(ckpt, data, Path(tmp) / "out.safetensors", config, holdout=hold, loss_from_checkpoint=True,
-                      on_event=lambda stage, done, total, info: events.append((stage, time.process_time(), time.perf_counter())))
+                      on_event=lambda stage, done, total, info: _event(events, stage, info))
         except TeleportError as e:
             r, code = getattr(e, "result", None), getattr(e, "exit_code", 1)
         finally:
@@ -227,32 +233,36 @@ def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
     return row
 
 
-def load_case(name: str, folder: Path, n: int | None = None):
-    """(checkpoint, data, holdout, model, calibration inputs, targets) of a sample or a scale model."""
+def case_files(name: str, folder: Path, n: int = 256) -> tuple[Path, Path, Path]:
+    """(checkpoint, data, holdout) of a sample, or of a scale model written into ``folder``."""
+    if name in SAMPLES:
+        return SAMPLES[name]
+    from bench.scale_cases import write_case
+
+    return write_case(name, folder, n)
+
+
+def load_case(ckpt, data, hold):
+    """(model, calibration inputs, targets) as ``apply`` reads them (loading is not timed)."""
     from teleport_cli.checkpoints.containers import read_checkpoint
     from teleport_cli.data.inputs import load_data_inputs
     from teleport_cli.models.loading import load_model
 
-    if name in SAMPLES:
-        ckpt, data, hold = SAMPLES[name]
-    else:
-        from bench.scale_cases import write_case
-
-        ckpt, data, hold = write_case(name, folder, n or 256)
     model = load_model(str(ckpt))[0].eval()
     cal = load_data_inputs(read_checkpoint(str(ckpt)).metadata, str(ckpt), str(data), str(hold), model).calibration.data
-    return ckpt, data, hold, model, cal.inputs, cal.targets
+    return model, cal.inputs, cal.targets
 
 
 def measure(name: str, args, folder: Path) -> dict:
     from teleport_cli.config import TeleportConfig
 
-    ckpt, data, hold, model, x, y = load_case(name, folder)
-    params = sum(p.numel() for p in model.parameters())
+    ckpt, data, hold = case_files(name, folder)
     flags = {} if name in SAMPLES else parse_flags(args.scale_flags)
     config = TeleportConfig(device="cpu", batch_size="auto", **flags)  # the CLI's defaults
     # apply first: the floor's batch-256 passes would leave their heap in the peak RSS
     runs = [run_apply(ckpt, data, hold, config, args.cpu_clock and bool(flags)) for _ in range(1 if args.quick else args.apply_repeats)]
+    model, x, y = load_case(ckpt, data, hold)  # after apply: its memory probe counts what this process holds
+    params = sum(p.numel() for p in model.parameters())
     pieces = floor_pieces(model, x, y, args.repeats)
     flag_text = args.scale_flags + (" (budget in CPU seconds)" if args.cpu_clock else "") if flags else ""
     return {"model": name, "samples": len(x), "params": params, "pieces": pieces, "runs": runs, "flags": flag_text,
@@ -266,7 +276,8 @@ def parse_flags(text: str) -> dict:
     words, out = text.split(), {}
     for key, value in zip(words[::2], words[1::2]):
         name = key.lstrip("-").replace("-", "_")
-        out[name] = parse_bytes(value) if name == "max_memory" else float(value) if name == "max_seconds" else value
+        out[name] = parse_bytes(value) if name == "max_memory" else float(value) if name == "max_seconds" else \
+            int(value) if name == "batch_size" and value.isdigit() else value
     return out
 
 
@@ -280,7 +291,8 @@ def growth(args, folder: Path) -> dict:
     from teleport_cli.models.builtin import MLP
 
     out = {"n": [], "d_in": []}
-    ckpt, data, hold, model, x, y = load_case(args.growth_model, folder)
+    ckpt, data, hold = case_files(args.growth_model, folder)
+    model, x, y = load_case(ckpt, data, hold)
     for n in (64, 128, 256):
         sub = folder / f"growth_n{n}.safetensors"
         save_file({"inputs": x[:n].contiguous(), "targets": y[:n].contiguous()}, str(sub))

@@ -53,6 +53,7 @@ def test_slope_recovers_a_power_law(cost):
 
 def test_parse_flags_gives_config_values(cost):
     assert cost.parse_flags("--max-memory 4GB --max-seconds 540") == {"max_memory": 4 * 2**30, "max_seconds": 540.0}
+    assert cost.parse_flags("--batch-size 32 --hvp exact") == {"batch_size": 32, "hvp": "exact"}
 
 
 def test_section_replaces_only_its_markers(cost, tmp_path):
