@@ -194,10 +194,19 @@ def _peak_rss() -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 
+def cpu_now() -> float:
+    """CPU seconds of this process plus its waited-for children (the memory probe of
+    ``--batch-size auto`` runs in a forked child)."""
+    import resource
+
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + c.ru_utime + c.ru_stime
+
+
 def _event(events: list, stage: str, info: dict) -> None:
     if not events or events[-1][0] != stage or "stop_reason" in info or "batch_size" in info or "accepted" in info:  # progress on stderr
-        print(f"[cost] {stage} {json.dumps(info)} cpu {time.process_time():.1f} s", file=sys.stderr, flush=True)
-    events.append((stage, time.process_time(), time.perf_counter()))
+        print(f"[cost] {stage} {json.dumps(info)} cpu {cpu_now():.1f} s", file=sys.stderr, flush=True)
+    events.append((stage, cpu_now(), time.perf_counter()))
 
 
 def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
@@ -211,9 +220,9 @@ def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
     wall_clock = ascent.clock
     with tempfile.TemporaryDirectory() as tmp:
         _peak_reset()
-        c0, w0 = time.process_time(), time.perf_counter()
+        c0, w0 = cpu_now(), time.perf_counter()
         if cpu_clock:  # apply starts its budget at perf_counter() ~ w0: from there on, count CPU seconds
-            ascent.clock = lambda: w0 + (time.process_time() - c0)
+            ascent.clock = lambda: w0 + (cpu_now() - c0)
         code = 0
         try:
             r = apply(ckpt, data, Path(tmp) / "out.safetensors", config, holdout=hold, loss_from_checkpoint=True,
@@ -222,7 +231,7 @@ def run_apply(ckpt, data, hold, config, cpu_clock: bool = False) -> dict:
             r, code = getattr(e, "result", None), getattr(e, "exit_code", 1)
         finally:
             ascent.clock = wall_clock
-        c1, w1 = time.process_time(), time.perf_counter()
+        c1, w1 = cpu_now(), time.perf_counter()
     row = {"exit": code, "cpu_clock": cpu_clock, "cpu": c1 - c0, "wall": w1 - w0, "peak_rss": _peak_rss(),
            "phases": phase_split([("load", c0, w0)] + events, (c1, w1))}
     if r is not None:
@@ -258,7 +267,7 @@ def measure(name: str, args, folder: Path) -> dict:
 
     ckpt, data, hold = case_files(name, folder)
     flags = {} if name in SAMPLES else parse_flags(args.scale_flags)
-    config = TeleportConfig(device="cpu", batch_size="auto", **flags)  # the CLI's defaults
+    config = TeleportConfig(**{"device": "cpu", "batch_size": "auto", **flags})  # the CLI's defaults
     # apply first: the floor's batch-256 passes would leave their heap in the peak RSS
     runs = [run_apply(ckpt, data, hold, config, args.cpu_clock and bool(flags)) for _ in range(1 if args.quick else args.apply_repeats)]
     model, x, y = load_case(ckpt, data, hold)  # after apply: its memory probe counts what this process holds
@@ -348,7 +357,7 @@ def render(results: dict, command: str, machine: str) -> str:
     """The generated section of docs/cost.md, from the merged results (model -> row)."""
     lines = [BEGIN, "", "## Measured by bench/cost.py (generated)", "",
              f"Commands: `{command}`. Machine: {machine}. CPU seconds are `time.process_time()` of the one",
-             "process, median [min-max] over the runs given; the machine was shared, so wall seconds are longer",
+             "process (for `apply`, plus its memory probe's forked child), median [min-max] over the runs given; the machine was shared, so wall seconds are longer",
              "than CPU seconds. The floor is `forward + accepted * passes * gradient` with the pieces below (2 passes",
              "per step for grad-norm, 2k + 1 = 3 for the look-ahead at k = 1).", "",
              "### The floor's pieces (one pass over the calibration set, batch 256, plain float32 autograd loops)", "",
