@@ -228,3 +228,56 @@ def test_auto_batch_on_a_model_without_double_backward():
         hessian_vector_product(model, [(data.inputs[:2], data.targets[:2])], LOSS_FUNCTIONS["ce"], params, params, params, 2)
     choice = choose_batch_size(model, data, LOSS_FUNCTIONS["ce"], torch.device("cpu"), max_memory=2**40)
     assert choice.fits and choice.batch_size == 64 and len(choice.probes) == 2
+
+
+COPIES_SCRIPT = textwrap.dedent(
+    """
+    import copy, gc, json, sys
+    import torch
+    torch.set_num_threads(1)
+    from teleport_cli.config import TeleportConfig
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.models.builtin import MLP
+    from teleport_cli.nullspace.ascent import ascend
+    from teleport_cli.nullspace.bases import layer_basis
+    from teleport_cli.nullspace.capture import capture_grams
+    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace.memory import _mallopt, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from teleport_cli.nullspace.objectives import make_objective
+    from teleport_cli.nullspace.selection import find_layers
+
+    objective, hvp = sys.argv[1], sys.argv[2]
+    _mallopt(128 * 1024, 128 * 1024)  # freed blocks go back at once: RSS growth is live memory
+    torch.manual_seed(0)
+    model = MLP(784, [1024, 1024, 1024], 10).eval()  # parameters dominate: 64 samples, activations 0.25 MB a layer
+    batches = TensorData(torch.randn(64, 784), torch.randint(0, 10, (64,)), "random").batches(64)
+    layers, _ = find_layers(model)
+    accs = capture_grams(model, layers, batches)
+    bases = {s.name: layer_basis(s.name, accs[s.name].gram, 0.99) for s, _ in layers}
+    del accs
+    gc.collect()
+    before = rss_bytes()
+    reset_peak_rss()
+    moved = copy.deepcopy(model)
+    stats = ascend(moved, batches, find_layers(moved)[0], bases, TeleportConfig(objective=objective, hvp=hvp, steps=3, tolerance=1.0),
+                   LOSS_FUNCTIONS["ce"], objective=make_objective(objective, lr=0.01, hvp=hvp))
+    params = sum(p.nbytes for p in model.parameters())
+    print(json.dumps({"copies": (peak_rss_bytes() - before) / params, "accepted": stats.steps_accepted}))
+    """
+)
+
+
+@pytest.mark.parametrize("objective,hvp", [("lookahead", "forward"), ("lookahead", "exact"), ("grad-norm", "forward")])
+def test_parameter_copies_bound_the_ascent_measured_peak(objective, hvp):
+    """In a fresh process whose heap returns freed blocks at once, three ascent steps of a model
+    whose memory is its parameters grow the resident set by at most PARAMETER_COPIES times the
+    parameters' bytes (the reserve's parameter part), and by more than half of it (a bound, not
+    a wild overcount)."""
+    from teleport_cli.nullspace.memory import PARAMETER_COPIES
+
+    p = subprocess.run([sys.executable, "-c", COPIES_SCRIPT, objective, hvp], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["accepted"] == 3
+    assert PARAMETER_COPIES / 2 < r["copies"] <= PARAMETER_COPIES, r
