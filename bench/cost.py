@@ -479,7 +479,7 @@ def main(argv=None) -> None:
         if args.growth:
             results["_growth"] = {"model": args.growth_model, **growth(args, Path(tmp))}
     command = "PYTHONPATH=. OMP_NUM_THREADS=1 python bench/cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.models:  # a run, not only a merge and render
+    if args.models or args.growth:  # a run, not only a merge and render
         results["_commands"] = [c for c in results.get("_commands", []) if c != command] + [command]
     models = {k: v for k, v in results.items() if not k.startswith("_")}
     section = render(models, "`; `".join(clean_command(c) for c in results.get("_commands", [])), machine())
