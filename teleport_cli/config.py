@@ -54,8 +54,9 @@ class TeleportConfig:
         max_memory: memory budget in bytes for ``batch_size="auto"``; None: half of the free
             RAM (``MemAvailable``) or of the free GPU memory.
         max_seconds: stop the ascent at its last accepted step once this many wall-clock
-            seconds have passed since the ascent started (stop reason ``max_seconds``); None:
-            no limit.
+            seconds have passed since the teleport started (``apply``: since it was called; capture,
+            bases and the look-ahead's learning rate count, verification does not); the clock is
+            read between batches of every pass (stop reason ``max_seconds``); None: no limit.
         guard_fraction: share of the calibration set kept out of the Grams and the objective
             (seeded) as a guard, at every tau: a step that moves the guard loss beyond
             ``tolerance`` is rejected, and the ascent ends at the furthest accepted point whose

@@ -103,7 +103,7 @@ def teleport(
     *,
     holdout=None,
     on_event: Progress | None = None,
-    storage_dtypes: dict[str, torch.dtype] | None = None,
+    storage_dtypes: dict[str, torch.dtype] | None = None, started: float | None = None,
 ) -> TeleportOutcome:
     """Teleport ``model`` along the calibration-loss level set and verify the result.
 
@@ -129,7 +129,7 @@ def teleport(
     Raises:
         InputError: the data do not fit the model, or the model is not deterministic.
     """
-    config = config or TeleportConfig()
+    started, config = time.perf_counter() if started is None else started, config or TeleportConfig()
     event = on_event or (lambda stage, done, total, info: None)
     device = next(model.parameters()).device
     model = teleported_module(model)  # a DDP wrapper's module (docs/scale.md)
@@ -175,6 +175,8 @@ def teleport(
         event("bases", 0, len(basis_layers), {})
         # data parallel: each eigendecomposition on one rank, sent to all (eigh may differ between processes)
         bases = map_by_rank(lambda name: layer_basis(name, accs[name].gram, config.tau, precision), [s.name for s in basis_layers], device)
+        for spec in basis_layers:  # the bases are what the rest needs: the Grams' memory goes (docs/budget.md)
+            accs[spec.name].gram = None
         event("bases", len(basis_layers), len(basis_layers), {})
 
         moved = copy.deepcopy(model)
@@ -212,7 +214,8 @@ def teleport(
                                        seed=config.seed, hvp=config.hvp)
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
                            on_step=stepped, guard=guard, guard_tolerance=config.tolerance,
-                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes, states=fit_states)
+                           guard_trust=config.holdout_tolerance, round_to=storage_dtypes, states=fit_states,
+                           clock_start=started)
             if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
                 stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
         if guard is not None and "before" in fit_states:  # loss and gradient norm over the whole calibration set
@@ -373,7 +376,7 @@ def apply(
         model.eval()
         config, batch = resolve_batch_size(model, as_tensor_data(cal, "calibration data"), config, on_event or (lambda *a: None))
         model.train(was_training)
-    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights))
+    outcome = teleport(model, cal, config, holdout=hold, on_event=on_event, storage_dtypes=stored_dtypes(weights), started=start)
     outcome.batch = batch
     result = ApplyResult(outcome, None, time.perf_counter() - start, arch, str(checkpoint), original=model, batch_size=config.batch_size)
     if parallel.finish() > 0:  # every decision was rank 0's: it alone checks, writes and reports from here on

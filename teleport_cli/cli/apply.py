@@ -96,7 +96,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--tangent/--no-tangent", default=D.tangent, show_default=True, help="Keep steps tangent to the level set (remove the loss-gradient component).")
 @batch_options
 @click.option("--max-seconds", type=float, default=None,
-              help="Stop the ascent at its last accepted step once this many wall-clock seconds have passed since the ascent started (after capture, bases and the look-ahead learning rate); stop reason max_seconds.")
+              help="Stop the ascent at its last accepted step once this many wall-clock seconds have passed since apply started (loading, capture, bases and the look-ahead learning rate count; verification and writing come after); checked between batches; stop reason max_seconds.")
 @click.option("--seed", type=click.IntRange(*SEED_RANGE), default=D.seed, show_default=True, help="Seed for the held-out split.")
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss that defines the level set; default: the checkpoint's 'loss' metadata, else ce.")

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import TeleportConfig
 from ..parallel.collective import agree, broadcast_
+from ..parallel.group import active
 from ..records import StepRecord, TeleportStats
 from .bases import LayerBasis
 from .derivatives import Batches, GradientState, PendingGradient, count_samples, full_gradient
@@ -44,12 +45,42 @@ from .objectives import GradNormObjective
 NOISE = 1e-6
 
 
+# the clock of --max-seconds (a module attribute, so that tests can replace it by a fake clock)
+clock = time.perf_counter
+
+
 class _OutOfTime(Exception):
     """``config.max_seconds`` ran out during a step: the loop keeps its last accepted point."""
 
 
-def _out_of_time(config: TeleportConfig, start: float) -> bool:
-    return config.max_seconds is not None and agree(time.perf_counter() - start >= config.max_seconds)  # rank 0's clock
+def _out_of_time(config: TeleportConfig, start: float, local: bool = False) -> bool:
+    """Whether the --max-seconds budget is spent; ``local``: this process's clock alone, else rank
+    0's decision (under torchrun every rank asks at the same points, so the collectives match)."""
+    if config.max_seconds is None:
+        return False
+    late = clock() - start >= config.max_seconds
+    return late if local else agree(late)
+
+
+class _Timed:
+    """``batches`` with the --max-seconds clock read before every batch: a pass (gradient, Hessian-
+    vector product, drift check, look-ahead) raises :class:`_OutOfTime` between two batches once
+    the budget is spent, instead of running to its end. Every pass restores the weights it
+    perturbs in a ``finally``, so the loop's weights are those of its last accepted step or candidate."""
+
+    def __init__(self, batches: Batches, config: TeleportConfig, start: float) -> None:
+        self.batches, self.config, self.start = batches, config, start
+
+    def __iter__(self):
+        for batch in self.batches:
+            # one process only: under torchrun ranks differ in their batches, so the clock is
+            # read between passes, where every rank asks (rank 0 decides)
+            if active() is None and _out_of_time(self.config, self.start, local=True):
+                raise _OutOfTime
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _norm(ts) -> float:
@@ -96,6 +127,7 @@ def ascend(
     guard_rule: str = "gate",
     round_to: dict[str, torch.dtype] | None = None,
     states: dict | None = None,
+    clock_start: float | None = None,
 ) -> TeleportStats:
     """Run projected ascent on ``model`` in place and return what happened.
 
@@ -129,11 +161,16 @@ def ascend(
         states: if given, receives the :class:`GradientState` (over the trainable parameters) at
             the start (``"before"``) and at the end (``"after"``), for callers that report
             figures over a larger set without another pass over these batches.
+        clock_start: the :data:`clock` reading from which ``config.max_seconds`` counts (the
+            teleport's start, so that capture and bases count too); None: the ascent's start.
+            The clock is read before every batch of every pass after the first gradient (in
+            one process; under torchrun between passes, on rank 0).
 
     Returns:
         :class:`~teleport_cli.records.TeleportStats`.
     """
     start = time.perf_counter()
+    budget_start = clock() if clock_start is None else clock_start
     objective = objective or GradNormObjective(config.hvp)
     moving = [(spec, module) for spec, module in layers if spec.name in bases and bases[spec.name].null_dim > 0]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,19 +179,19 @@ def ascend(
     hvp = getattr(objective, "hvp", None)
     if hvp is None:
         return _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
-                           guard_trust, guard_rule, round_to, start, params, wrt, n, states)
+                           guard_trust, guard_rule, round_to, start, params, wrt, n, states, budget_start)
     spec_of = {id(w): spec for (spec, _), w in zip(moving, wrt)}
     # auto compares what the step uses: the products projected onto the null spaces
     hvp.check = lambda ws, hv: [_project(spec_of[id(w)], bases, h) for w, h in zip(ws, hv) if id(w) in spec_of]
     # finite differences: both gradients of a difference in full fp32 (no TF32 on CUDA)
     with full_precision_matmul() if hvp.requested != "exact" else contextlib.nullcontext():
         stats = _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
-                           guard_trust, guard_rule, round_to, start, params, wrt, n, states)
+                           guard_trust, guard_rule, round_to, start, params, wrt, n, states, budget_start)
     return dataclasses.replace(stats, hvp=hvp.to_dict())
 
 
 def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objective, on_step, guard, guard_tolerance,
-            guard_trust, guard_rule, round_to, start, params, wrt, n, states) -> TeleportStats:
+            guard_trust, guard_rule, round_to, start, params, wrt, n, states, budget_start) -> TeleportStats:
     """The loop of :func:`ascend` (arguments as there)."""
     state = full_gradient(model, batches, loss_fn, params, n)
     loss0, gnorm0 = state.loss, state.grad_norm
@@ -174,11 +211,16 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
     log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
     kept = (0, w0, state, score)  # the furthest accepted point the guard trusts: (step, weights, state, score)
+    batches = _Timed(batches, config, budget_start)  # from here on, every pass reads the clock between batches
     while log.accepted < config.steps:
-        if _out_of_time(config, start):
+        if _out_of_time(config, budget_start):
             stop = "max_seconds"
             break
-        direction = objective.direction(model, batches, loss_fn, params, wrt, state, n)
+        try:
+            direction = objective.direction(model, batches, loss_fn, params, wrt, state, n)
+        except _OutOfTime:  # the weights are restored by the pass: still the last accepted step
+            stop = "max_seconds"
+            break
         projected = [_project(spec, bases, d) * objective.sign for (spec, _), d in zip(moving, direction)]
         if config.tangent:
             projected = _tangent(projected, moving, bases, state, params, wrt)
@@ -201,7 +243,7 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
             return {}
 
         def accept(cand: dict) -> bool:
-            if _out_of_time(config, start):
+            if _out_of_time(config, budget_start):
                 raise _OutOfTime
             # the drift gates first, on the forward pass: most rejections end here, before the
             # backward pass the gradient state needs (profiled on test_resnet: 5.5 s -> 4.6 s);

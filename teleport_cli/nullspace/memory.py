@@ -2,22 +2,24 @@
 
 The memory of one batch's gradient and double-backward Hessian-vector product is measured, not
 modelled: one HVP (:func:`~teleport_cli.nullspace.derivatives.hessian_vector_product`, the
-costliest pass of an ascent step) runs on a batch of ``b1`` and of ``b2`` samples (after a
+costliest pass of an ascent step; a gradient where the model has no double backward) runs on a batch of ``b1`` and of ``b2`` samples (after a
 warm-up on one sample, for the one-off allocations), and its peak
 is read from ``torch.cuda.max_memory_allocated`` on a GPU, or on the CPU from the growth of the
 process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; while it
 measures, glibc is told to return large freed blocks at once so that the growth is not hidden
 by reused pages; this runs in a forked child, so that this process's allocator keeps its own
-faster settings). The peak at batch ``b`` is then estimated linearly,
+faster settings). The peak at batch ``b`` is then estimated linearly, as the larger of two phases,
 
-    ``peak(b) = in_use + reserve + slack * (fixed + per_sample * b)``
+    ``peak(b) = in_use + max(bases_phase, reserve + slack * (fixed + per_sample * b))``
 
-with ``in_use`` the memory held when measuring (model and calibration set), ``reserve`` what
-the run holds besides (the teleported copy and about ``PARAMETER_COPIES`` parameter-sized
-buffers of the ascent, the float64 Gram matrices and their eigenvectors) counted once, and
-``fixed``/``per_sample`` the intercept and slope of the two probes, and ``slack`` the heap's
-overhead over the live tensors on the CPU (``CPU_HEAP_SLACK``; 1 on a GPU). The batch size changes only
-the order of the float sums, never the objective.
+with ``in_use`` the memory held when measuring (model and calibration set); ``bases_phase``
+what building the bases holds (every float64 Gram, the bases, one eigendecomposition's
+workspace; no batch runs then); ``reserve`` what the ascent holds besides its batch (the
+teleported copy and about ``PARAMETER_COPIES`` parameter-sized buffers, and the bases: the
+Grams are freed once their bases are built, so they are not counted there); ``fixed`` and
+``per_sample`` the intercept and slope of the two probes; and ``slack`` the heap's overhead over
+the live tensors on the CPU (``CPU_HEAP_SLACK``; 1 on a GPU). The batch size changes only the
+order of the float sums, never the objective.
 """
 
 from __future__ import annotations
@@ -31,17 +33,24 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .derivatives import hessian_vector_product
+from .derivatives import full_gradient, hessian_vector_product
+from .hvp import missing_double_backward
 
 MAX_BATCH = 256
 PROBES = (2, 8)
-# parameter-sized tensors alive during an ascent step besides the model's own parameters: the
-# teleported copy, the gradient state and a candidate's, the start and current weights (twice),
-# the direction, its projection and the look-ahead's trajectory
-PARAMETER_COPIES = 10
+# parameter-sized tensors alive at the peak of an ascent step besides the model's own parameters
+# (the teleported copy, gradient states of the point and the candidate, the look-ahead's
+# trajectory, start, current and kept weights, the direction and its Hessian-vector product, the
+# projection): measured as the live-memory growth of three steps over the parameters' bytes, 15.4
+# for the look-ahead (k = 1) and 12.4 for grad-norm, with forward-difference or exact products
+# (tests/nullspace/test_budget.py checks the bound)
+PARAMETER_COPIES = 16
 # glibc's heap (dynamic mmap threshold) holds more than the live tensors: at batch 32 and 64 of a
 # three-layer conv net the peak RSS growth of an HVP was 1.3-2.0x the live memory the probes measure
 CPU_HEAP_SLACK = 2.0
+# float64 d_in x d_in matrices alive while one group is eigendecomposed: the symmetrised Gram
+# (and its temporary), the eigenvectors, and syevd's workspace of about 2 d_in^2
+EIGH_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,8 @@ class BatchChoice:
             ``cuda_free/2``.
         device: ``cpu`` or ``cuda``.
         in_use: memory held when measuring (RSS on the CPU, allocated on the GPU).
-        reserve: parameter copies and Gram matrices counted once.
+        reserve: what the ascent holds besides: parameter copies and the null-space bases.
+        bases_phase: what building the bases holds: the Grams, the bases and one eigh's workspace.
         fixed, per_sample: intercept and slope of the probes' peaks over their batch sizes.
         estimate: the predicted peak at ``batch_size``.
         fits: whether ``estimate <= budget`` (False only when batch 1 does not fit).
@@ -67,6 +77,7 @@ class BatchChoice:
     device: str
     in_use: int
     reserve: int
+    bases_phase: int
     fixed: int
     per_sample: int
     estimate: int
@@ -124,20 +135,31 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
         pass
 
 
-def _probe(model: nn.Module, x, y, loss_fn, params, device: torch.device) -> int:
-    """Peak memory growth of one gradient + double-backward HVP on the batch ``(x, y)``."""
+def _costliest_pass(model: nn.Module, x, y, loss_fn, params) -> None:
+    """A double-backward HVP on ``(x, y)``; where the model has no double backward (hardswish:
+    MobileNetV3, LCNet) the ascent's products are finite differences of gradients, so a gradient."""
     vector = [torch.ones_like(p) for p in params]
+    try:
+        hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+    except RuntimeError as e:
+        if not missing_double_backward(e):
+            raise
+        full_gradient(model, [(x, y)], loss_fn, params, int(x.shape[0]))
+
+
+def _probe(model: nn.Module, x, y, loss_fn, params, device: torch.device) -> int:
+    """Peak memory growth of the costliest pass (:func:`_costliest_pass`) on the batch ``(x, y)``."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+        _costliest_pass(model, x, y, loss_fn, params)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     before = rss_bytes()
     reset_peak_rss()
-    hessian_vector_product(model, [(x, y)], loss_fn, params, vector, params, int(x.shape[0]))
+    _costliest_pass(model, x, y, loss_fn, params)
     return peak_rss_bytes() - before
 
 
@@ -174,12 +196,36 @@ def _cpu_probes(model, data, loss_fn, params, sizes) -> list[tuple[int, int]]:
     return [tuple(p) for p in json.loads(text)]
 
 
+def gram_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Bytes of the float64 Gram matrices of ``gram_blocks`` ``(groups, d_in)``: ``sum groups * d_in^2 * 8``."""
+    return sum(groups * d_in * d_in * 8 for groups, d_in in gram_blocks)
+
+
+def basis_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """An upper bound on the bytes of the null-space bases of ``gram_blocks``: a group's basis keeps
+    ``min(k, d_in - k) <= d_in // 2`` float64 columns of ``d_in`` (the smaller of the null and
+    kept bases, :func:`teleport_cli.nullspace.bases.layer_basis`)."""
+    return sum(groups * d_in * (d_in // 2) * 8 for groups, d_in in gram_blocks)
+
+
+def eigh_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Transient bytes of the largest group's eigendecomposition: ``EIGH_COPIES`` float64 ``d_in x d_in``
+    matrices (the symmetrised Gram, its eigenvectors and LAPACK's divide-and-conquer workspace)."""
+    return max((EIGH_COPIES * d_in * d_in * 8 for _, d_in in gram_blocks), default=0)
+
+
 def reserve_bytes(model: nn.Module, gram_blocks: list[tuple[int, int]]) -> int:
-    """Memory held beside the batch's: ``PARAMETER_COPIES`` parameter copies and, per layer of
-    ``gram_blocks`` ``(groups, d_in)``, a float64 ``d_in x d_in`` Gram matrix and its eigenvectors."""
+    """Memory held during the ascent beside the batch's: ``PARAMETER_COPIES`` parameter copies and
+    the bases of ``gram_blocks`` (:func:`basis_bytes`). The Grams are freed once their bases are
+    built (:func:`teleport_cli.pipeline.teleport`), so they count only in :func:`bases_phase_bytes`."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    grams = sum(groups * d_in * d_in * 8 for groups, d_in in gram_blocks)
-    return PARAMETER_COPIES * params + 2 * grams
+    return PARAMETER_COPIES * params + basis_bytes(gram_blocks)
+
+
+def bases_phase_bytes(gram_blocks: list[tuple[int, int]]) -> int:
+    """Memory held while the bases are built, beside ``in_use``: every Gram, the bases built so far
+    (bounded by all of them) and the largest eigendecomposition's workspace. No batch runs then."""
+    return gram_bytes(gram_blocks) + basis_bytes(gram_blocks) + eigh_bytes(gram_blocks)
 
 
 def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, max_memory: int | None = None,
@@ -210,10 +256,11 @@ def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, 
     else:  # one probe, or reuse hid the growth: all of the peak scales with the batch
         per_sample, fixed = max(p for _, p in peaks) / peaks[-1][0], 0.0
     reserve = reserve_bytes(model, list(gram_blocks))
+    bases_phase = bases_phase_bytes(list(gram_blocks))
     slack = CPU_HEAP_SLACK if device.type != "cuda" else 1.0
 
-    def estimate(b: int) -> int:
-        return int(in_use + reserve + slack * (fixed + per_sample * min(b, len(data))))
+    def estimate(b: int) -> int:  # the larger of the two phases: building the bases, and the ascent's passes
+        return int(in_use + max(bases_phase, reserve + slack * (fixed + per_sample * min(b, len(data)))))
 
     chosen = 1
     b = MAX_BATCH
@@ -224,5 +271,5 @@ def choose_batch_size(model: nn.Module, data, loss_fn, device: torch.device, *, 
         b //= 2
     while chosen > 1 and chosen // 2 >= len(data):  # batches beyond the set's size are all the same
         chosen //= 2
-    return BatchChoice(chosen, int(budget), source, device.type, int(in_use), int(reserve), int(fixed), int(per_sample),
+    return BatchChoice(chosen, int(budget), source, device.type, int(in_use), int(reserve), int(bases_phase), int(fixed), int(per_sample),
                        estimate(chosen), estimate(chosen) <= budget, tuple(peaks))

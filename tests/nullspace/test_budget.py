@@ -95,22 +95,189 @@ def _digits():
     return [(d["inputs"], d["targets"]) for d in (load_file(str(CAL)), load_file(str(HOLD)))]
 
 
-def test_max_seconds_stops_at_the_last_accepted_step():
-    """A tiny time budget stops with ``max_seconds``, verifies, and leaves the weights of the
-    last accepted step: the same as a run with --steps equal to the accepted count."""
+class BatchClock:
+    """A fake clock that advances by one "second" per forward pass of a batch, and records the
+    reading at which each forward started, until the ascent's last event."""
+
+    def __init__(self) -> None:
+        self.now, self.starts, self.ascent_over, self.accepted_at = 0, [], False, {}
+
+    def __call__(self) -> float:
+        return float(self.now)
+
+    def hook(self, module, args) -> None:
+        if not self.ascent_over:
+            self.starts.append(self.now)
+        self.now += 1
+
+    def event(self, stage, done, total, info) -> None:
+        if stage == "ascent" and "stop_reason" in info:
+            self.ascent_over = True
+        elif stage == "ascent" and info.get("accepted"):
+            self.accepted_at.setdefault(info["accepted"], self.now)
+
+
+def _clocked_run(monkeypatch, config):
+    import teleport_cli.nullspace.ascent as ascent
+
     cal, hold = _digits()
-    base = dict(objective="grad-norm", steps=100000, step_size=1e-3, step_growth=1.0, tolerance=0.05, holdout_tolerance=0.2,
-                guard_fraction=0.0, device="cpu", seed=3)
-    outcome = None
-    for seconds in (0.05, 0.2, 0.8, 3.0, 10.0):
-        out = teleport(mlp(mid_state()), cal, TeleportConfig(**base, max_seconds=seconds), holdout=hold)
-        if out.stats.stop_reason == "max_seconds" and out.stats.steps_accepted >= 1:
-            outcome = out
-            break
-    assert outcome is not None, "no budget both accepted a step and ran out"
-    assert outcome.verified
-    assert outcome.stats.seconds >= seconds
-    again = teleport(mlp(mid_state()), cal, TeleportConfig(**base | {"steps": outcome.stats.steps_accepted}), holdout=hold)
+    clock = BatchClock()
+    monkeypatch.setattr(ascent, "clock", clock)
+    model = mlp(mid_state())
+    model.register_forward_pre_hook(lambda module, args: clock.hook(module, args))  # a function: deep copies share it
+    out = teleport(model, cal, config, holdout=hold, on_event=clock.event, started=0.0)
+    return out, clock
+
+
+def test_max_seconds_is_checked_between_batches_and_keeps_the_last_accepted_step(monkeypatch):
+    """With a fake clock that ticks once per batch, the ascent stops at the first batch boundary
+    after the budget (no forward pass of the ascent starts at or after it, and the last one
+    starts one tick before it), mid-pass, and the weights are those of a run with --steps equal
+    to the accepted count (the same seed)."""
+    base = dict(objective="grad-norm", step_size=1e-3, step_growth=1.0, tolerance=0.05, holdout_tolerance=0.2,
+                guard_fraction=0.0, device="cpu", seed=3, batch_size=32)
+    free, free_clock = _clocked_run(monkeypatch, TeleportConfig(**base, steps=3))
+    assert free.stats.steps_accepted == 3
+    two = free_clock.accepted_at[2]
+    budget = two + 3  # three batches into the pass after the second accepted step
+    assert budget < free_clock.accepted_at[3]
+    out, clock = _clocked_run(monkeypatch, TeleportConfig(**base, steps=100000, max_seconds=budget))
+    assert out.stats.stop_reason == "max_seconds" and out.verified
+    assert out.stats.steps_accepted == 2
+    assert max(clock.starts) == budget - 1  # stopped at the first batch boundary at or past the budget
+    again, _ = _clocked_run(monkeypatch, TeleportConfig(**base, steps=2))
     assert again.stats.stop_reason == "steps"
-    a, b = outcome.model.state_dict(), again.model.state_dict()
+    a, b = out.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _conv_model():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Tanh(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 40), nn.Tanh(), nn.Linear(40, 10)).eval()
+
+
+def test_memory_parts_match_the_tensors_they_count():
+    """The estimate's Gram part is the exact byte count of the captured Grams (each counted
+    once), and its basis part bounds the bytes of the bases built from them at every tau."""
+    from teleport_cli.nullspace.bases import layer_basis
+    from teleport_cli.nullspace.capture import capture_grams
+    from teleport_cli.nullspace.memory import PARAMETER_COPIES, basis_bytes, gram_bytes, reserve_bytes
+    from teleport_cli.nullspace.selection import find_layers
+
+    model = _conv_model()
+    layers, _ = find_layers(model)
+    blocks = [(s.groups, s.d_in) for s, _ in layers]
+    assert len(blocks) == 4 and (2, 36) in blocks
+    accs = capture_grams(model, layers, [(torch.randn(6, 3, 6, 6), torch.zeros(6, dtype=torch.long))])
+    assert gram_bytes(blocks) == sum(a.gram.nbytes for a in accs.values())
+    params = sum(p.nbytes for p in model.parameters())
+    for tau in (0.5, 0.9, 0.999, 1.0):
+        bases = [layer_basis(s.name, accs[s.name].gram, tau) for s, _ in layers]
+        held = sum(g.vectors.nbytes for b in bases for g in b.groups)
+        assert 0 < held <= basis_bytes(blocks)
+    assert reserve_bytes(model, blocks) == PARAMETER_COPIES * params + basis_bytes(blocks)
+
+
+def test_grams_are_freed_before_the_ascent(monkeypatch):
+    """The reserve leaves the Grams out of the ascent's phase: the pipeline must drop them once
+    their bases exist (no reference left when the ascent starts)."""
+    import gc
+    import weakref
+
+    import teleport_cli.pipeline as pipeline
+
+    refs = []
+    real = pipeline.capture_grams
+
+    def capture(*args, **kwargs):
+        accs = real(*args, **kwargs)
+        refs.extend(weakref.ref(a.gram) for a in accs.values() if a.gram is not None)
+        return accs
+
+    alive = []
+
+    def event(stage, done, total, info):
+        if stage == "ascent" and done == 0 and not alive:
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+
+    monkeypatch.setattr(pipeline, "capture_grams", capture)
+    cal, hold = _digits()
+    out = teleport(mlp(mid_state()), cal, TeleportConfig(objective="grad-norm", steps=1, device="cpu"), holdout=hold, on_event=event)
+    assert len(refs) == 3 and alive == [0] and out.stats.steps_accepted == 1
+
+
+def test_auto_batch_on_a_model_without_double_backward():
+    """hardsigmoid has no double backward (MobileNetV3, LCNet): the probe measures a gradient pass
+    instead of crashing, and the choice is the same rule on its figures."""
+    from torch import nn
+
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.nullspace.derivatives import hessian_vector_product
+    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace.memory import choose_batch_size
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardsigmoid(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    data = TensorData(torch.randn(64, 3, 8, 8), torch.randint(0, 10, (64,)), "random")
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="derivative for"):
+        hessian_vector_product(model, [(data.inputs[:2], data.targets[:2])], LOSS_FUNCTIONS["ce"], params, params, params, 2)
+    choice = choose_batch_size(model, data, LOSS_FUNCTIONS["ce"], torch.device("cpu"), max_memory=2**40)
+    assert choice.fits and choice.batch_size == 64 and len(choice.probes) == 2
+
+
+COPIES_SCRIPT = textwrap.dedent(
+    """
+    import copy, gc, json, sys
+    import torch
+    torch.set_num_threads(1)
+    from teleport_cli.config import TeleportConfig
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.models.builtin import MLP
+    from teleport_cli.nullspace.ascent import ascend
+    from teleport_cli.nullspace.bases import layer_basis
+    from teleport_cli.nullspace.capture import capture_grams
+    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace.memory import _mallopt, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from teleport_cli.nullspace.objectives import make_objective
+    from teleport_cli.nullspace.selection import find_layers
+
+    objective, hvp = sys.argv[1], sys.argv[2]
+    _mallopt(128 * 1024, 128 * 1024)  # freed blocks go back at once: RSS growth is live memory
+    torch.manual_seed(0)
+    model = MLP(784, [1024, 1024, 1024], 10).eval()  # parameters dominate: 64 samples, activations 0.25 MB a layer
+    batches = TensorData(torch.randn(64, 784), torch.randint(0, 10, (64,)), "random").batches(64)
+    layers, _ = find_layers(model)
+    accs = capture_grams(model, layers, batches)
+    bases = {s.name: layer_basis(s.name, accs[s.name].gram, 0.99) for s, _ in layers}
+    del accs
+    gc.collect()
+    before = rss_bytes()
+    reset_peak_rss()
+    moved = copy.deepcopy(model)
+    stats = ascend(moved, batches, find_layers(moved)[0], bases, TeleportConfig(objective=objective, hvp=hvp, steps=3, tolerance=1.0),
+                   LOSS_FUNCTIONS["ce"], objective=make_objective(objective, lr=0.01, hvp=hvp))
+    params = sum(p.nbytes for p in model.parameters())
+    print(json.dumps({"copies": (peak_rss_bytes() - before) / params, "accepted": stats.steps_accepted}))
+    """
+)
+
+
+@pytest.mark.parametrize("objective,hvp", [("lookahead", "forward"), ("lookahead", "exact"), ("grad-norm", "forward")])
+def test_parameter_copies_bound_the_ascent_measured_peak(objective, hvp):
+    """In a fresh process whose heap returns freed blocks at once, three ascent steps of a model
+    whose memory is its parameters grow the resident set by at most PARAMETER_COPIES times the
+    parameters' bytes (the reserve's parameter part), and by more than half of it (a bound, not
+    a wild overcount)."""
+    from teleport_cli.nullspace.memory import PARAMETER_COPIES
+
+    p = subprocess.run([sys.executable, "-c", COPIES_SCRIPT, objective, hvp], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["accepted"] == 3
+    assert PARAMETER_COPIES / 2 < r["copies"] <= PARAMETER_COPIES, r
