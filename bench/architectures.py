@@ -182,7 +182,7 @@ def main() -> None:
 
     doc = DOC.format(
         modules=timm_modules.section(), cal=timm_modules.CAL, hold=timm_modules.HOLD, mod_steps=timm_modules.STEPS,
-        max_params=timm_modules.MAX_PARAMS, timeout=timm_modules.TIMEOUT, max_memory=timm_modules.MAX_MEMORY,
+        max_params=timm_modules.MAX_PARAMS, cpu_limit=timm_modules.CPU_LIMIT, flags=" ".join(timm_modules.FLAGS),
         done=done, total=len(rows), share=done / len(rows), table=text, noise=noise_text,
         size=SIZE, classes=CLASSES, samples=SAMPLES, steps=CONFIG.steps, step_size=CONFIG.step_size,
         seconds=sum(r.seconds for r in rows), timm=timm.__version__, torch=torch.__version__,
@@ -248,16 +248,21 @@ with the fewest parameters (counted on the meta device with 10 classes; nothing 
 builds it with random init (seed 0) at its minimum input size (the smallest of 32, 64, 96, ...
 pixels, not below the default config's `min_input_size`, at which it builds, with `img_size=`
 where the model takes one, and runs a forward pass), and runs `teleport apply` on its state dict
-in a child process with the defaults (`--hvp auto`, tau 0.99, the look-ahead objective,
-`--batch-size auto` within `--max-memory {max_memory}`) and `--steps {mod_steps}`, on the first {cal} of
-sklearn's digits as calibration and the next {hold} as held-out set (bilinearly resized to the
-input size, 3 channels, 10 classes). **A model passes when the command exits 0 after at least
-one accepted step**: both gates, calibration and held-out, passed (a failed gate is exit 4).
-Models above {max_params:,} parameters, or that need more than {timeout} s of wall time on the
-shared 2-core machine, are listed as skipped with that reason: not run is not passed. "grad-norm gain"
-is the calibration gradient norm after / before; "drift" the relative loss change. Run with
-`PYTHONPATH=. OMP_NUM_THREADS=1 python bench/timm_modules.py` (resumable: results are cached per
-model in `bench/results/timm_modules.json`), then `python bench/architectures.py` writes this page.
+in a child process as `teleport apply MODEL --data CAL --holdout HOLD --model NAME --model-kwargs
+JSON {flags}`, that is with the defaults (`--hvp auto`, tau 0.99, `--tolerance`,
+`--holdout-tolerance`, the guard) but for the paper's gradient-norm objective (the look-ahead's
+default learning rate costs a Lanczos run of up to 20 Hessian-vector products), one batch (no
+`--batch-size auto` probes) and {mod_steps} accepted step, on the first {cal} of sklearn's digits as
+calibration and the next {hold} as held-out set (bilinearly resized to the input size, 3 channels,
+10 classes). **A model passes when the command exits 0 after at least one accepted step**: both
+gates, calibration and held-out, passed (a failed gate is exit 4). Models above
+{max_params:,} parameters, or whose build or `apply` needs more than {cpu_limit} CPU seconds (the
+child's `RLIMIT_CPU`), are listed as skipped with that reason: not run is not passed. "grad-norm
+gain" is the calibration gradient norm after / before, "drift" the relative loss change, "s" the
+wall seconds of `apply` on the shared 2-core machine (several runs at once: not a cost figure;
+[docs/cost.md](cost.md) has those). Run with `PYTHONPATH=. OMP_NUM_THREADS=1 python
+bench/timm_modules.py` (resumable: results are cached per model in
+`bench/results/timm_modules.json`), then `python bench/architectures.py` writes this page.
 
 {modules}
 

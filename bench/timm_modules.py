@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,9 +38,10 @@ CLASSES = 10
 CAL, HOLD = 48, 32
 STEPS = 1
 SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384)
-MAX_PARAMS = 30_000_000  # above this a model is not run on the 2-core machine
-TIMEOUT = 420  # seconds of wall time per model (prepare + apply)
-MAX_MEMORY = "3GB"
+MAX_PARAMS = 100_000_000  # above this a model is not run on the 2-core machine
+CPU_LIMIT = 300  # CPU seconds per child process (RLIMIT_CPU): the per-model cap of the 2-core sweep
+TIMEOUT = 1800  # wall seconds per model, a backstop: the machine is shared, wall time is not the cap
+FLAGS = ("--objective", "grad-norm", "--batch-size", str(CAL), "--steps", str(STEPS))
 
 
 def _load(path: Path) -> dict:
@@ -130,6 +133,27 @@ def prepare(name: str, folder: Path) -> dict:
     return {"size": size, "kwargs": kwargs}
 
 
+def _fill(row: dict, doc: dict) -> None:
+    """The figures of ``teleport apply --json``'s document that the table shows."""
+    layers = doc.get("layers", [])
+    reasons: dict = {}
+    for l in layers:
+        if not l["teleported"]:
+            key = l["reason"].split(":")[0].split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    row.update(
+        steps=doc.get("steps_accepted"), stop=doc.get("stop_reason"), grad_norm_ratio=doc.get("grad_norm_ratio"),
+        drift_cal=doc["calibration"]["relative_loss_drift"], drift_hold=doc["holdout"]["relative_loss_drift"],
+        gate_cal=doc["calibration"]["passed"], gate_hold=doc["holdout"]["passed"],
+        layers=len(layers), teleported_layers=sum(bool(l["teleported"]) for l in layers), excluded=reasons,
+    )
+
+
+def _cpu_limit() -> None:
+    """In the child: SIGXCPU after ``CPU_LIMIT`` CPU seconds (SIGKILL 10 s later)."""
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT, CPU_LIMIT + 10))
+
+
 def run_model(name: str, timeout: float = TIMEOUT) -> dict:
     """Prepare and teleport one model in child processes; the row for the cache."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -138,42 +162,37 @@ def run_model(name: str, timeout: float = TIMEOUT) -> dict:
     with tempfile.TemporaryDirectory(prefix="timm-sweep-") as tmp:
         folder = Path(tmp)
         try:
-            p = subprocess.run([sys.executable, __file__, "--prepare", name, str(folder)], capture_output=True, text=True, timeout=timeout, env=env)
+            p = subprocess.run([sys.executable, __file__, "--prepare", name, str(folder)], capture_output=True, text=True, timeout=timeout, env=env,
+                               preexec_fn=_cpu_limit)
         except subprocess.TimeoutExpired:
             return {**row, "result": "skipped", "reason": f"building the model took over {timeout:.0f} s"}
+        if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            return {**row, "result": "skipped", "reason": f"building it took over {CPU_LIMIT} CPU s"}
         if p.returncode != 0:
             return {**row, "result": "skipped", "reason": "cannot build: " + (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
         row.update(json.loads(p.stdout.strip().splitlines()[-1]))
         cmd = [sys.executable, "-m", "teleport_cli", "apply", str(folder / "model.safetensors"), "--data", str(folder / "cal.safetensors"),
                "--holdout", str(folder / "hold.safetensors"), "--model", name, "--model-kwargs", json.dumps(row["kwargs"]),
-               "-o", str(folder / "out.safetensors"), "--steps", str(STEPS), "--max-memory", MAX_MEMORY, "--device", "cpu", "--json", "-q"]
+               "-o", str(folder / "out.safetensors"), *FLAGS, "--device", "cpu", "--json", "-q"]
         left = timeout - (time.monotonic() - start)
         t0 = time.monotonic()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 30), env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 30), env=env, preexec_fn=_cpu_limit)
         except subprocess.TimeoutExpired:
-            return {**row, "result": "skipped", "exit": None, "reason": f"over the {timeout:.0f} s per-model limit of the 2-core sweep"}
+            return {**row, "result": "skipped", "exit": None, "reason": f"over {timeout:.0f} s of wall time (backstop) on the shared machine"}
         row["seconds"] = round(time.monotonic() - t0, 1)
         row["exit"] = p.returncode
+        if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            return {**row, "result": "skipped", "reason": f"over the {CPU_LIMIT} CPU s per-model limit of the 2-core sweep"}
         row["stderr_tail"] = p.stderr.strip().splitlines()[-3:] if p.stderr.strip() else []
         try:
             doc = json.loads(p.stdout) if p.stdout.strip() else None
         except ValueError:
             doc = None
         if doc is not None:
-            layers = doc.get("layers", [])
-            reasons: dict = {}
-            for l in layers:
-                if not l["teleported"]:
-                    key = l["reason"].split(":")[0].split(" (")[0]
-                    reasons[key] = reasons.get(key, 0) + 1
-            row.update(
-                steps=doc.get("steps_accepted"), stop=doc.get("stop_reason"), grad_norm_ratio=doc.get("grad_norm_ratio"),
-                objective_ratio=doc.get("objective_ratio"),
-                drift_cal=doc["calibration"]["relative_loss_drift"], drift_hold=doc["holdout"]["relative_loss_drift"],
-                gate_cal=doc["calibration"]["passed"], gate_hold=doc["holdout"]["passed"],
-                layers=len(layers), teleported_layers=sum(bool(l["teleported"]) for l in layers), excluded=reasons,
-            )
+            _fill(row, doc)
+        if p.returncode == 1:  # a traceback: where in the tool it came from
+            row["traceback"] = [l.strip() for l in p.stderr.splitlines() if l.strip().startswith('File "') and "teleport_cli" in l][-3:]
         ok = p.returncode == 0 and doc is not None and (row.get("steps") or 0) >= 1 and row.get("gate_cal") and row.get("gate_hold")
         row["result"] = "pass" if ok else "fail"
         if not ok:
@@ -216,6 +235,7 @@ def main() -> None:
     parser.add_argument("--prepare", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="these modules only")
     parser.add_argument("--workers", type=int, default=3, help="models run at once")
+    parser.add_argument("--reverse", action="store_true", help="largest first (for a second sweep beside the first)")
     parser.add_argument("--rerun", action="store_true", help="rerun models already in the cache")
     args = parser.parse_args()
     if args.prepare:
@@ -226,7 +246,7 @@ def main() -> None:
     _save(CACHE, cache)
     rows = cache.setdefault("rows", {})
     picks = smallest_per_module(counts)
-    order = sorted(picks.items(), key=lambda kv: kv[1][1])  # smallest first: most results early
+    order = sorted(picks.items(), key=lambda kv: kv[1][1], reverse=args.reverse)  # smallest first: most results early
     todo = [(m, n, c) for m, (n, c) in order if (not args.only or m in args.only)
             and (args.rerun or rows.get(m, {}).get("model") != n
                  or (rows[m].get("reason", "").startswith("too large") and c <= MAX_PARAMS))]
@@ -234,14 +254,19 @@ def main() -> None:
 
     def one(item):
         module, name, params = item
+        done = _load(CACHE).get("rows", {}).get(module, {})
+        if not args.rerun and done.get("model") == name and not done.get("reason", "").startswith("too large"):
+            return
         if params > MAX_PARAMS:
             row = {"model": name, "result": "skipped", "reason": f"too large for the 2-core sweep ({params:,} params)"}
         else:
             row = run_model(name)
         row.update(module=module, params=params)
-        with lock:
-            rows[module] = row
-            _save(CACHE, cache)
+        with lock:  # merged into the file as it is now: other sweeps may be filling it too
+            disk = _load(CACHE)
+            disk.setdefault("rows", {})[module] = row
+            disk.setdefault("params", counts)
+            _save(CACHE, disk)
         print(f"{module}: {name} {params:,} {row['result']} {row.get('seconds', '')} {row.get('reason', '')[:150]}", flush=True)
 
     with ThreadPoolExecutor(args.workers) as pool:
