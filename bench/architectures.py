@@ -262,7 +262,9 @@ gain" is the calibration gradient norm after / before, "drift" the relative loss
 wall seconds of `apply` on the shared 2-core machine (several runs at once: not a cost figure;
 [docs/cost.md](cost.md) has those). Run with `PYTHONPATH=. OMP_NUM_THREADS=1 python
 bench/timm_modules.py` (resumable: results are cached per model in
-`bench/results/timm_modules.json`), then `python bench/architectures.py` writes this page.
+`bench/results/timm_modules.json`, their rows copied to `docs/bench/timm_modules.json`), then
+`python bench/architectures.py` writes this page. A module listed as not run was not reached
+in the time the session had: rerunning the first command fills it in.
 
 {modules}
 

@@ -13,7 +13,8 @@ least one accepted step (both gates, calibration and held-out, passed: exit 4 ot
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/timm_modules.py      # resumable; fills the cache
     PYTHONPATH=. python bench/architectures.py                       # writes docs/architectures.md
 
-Results are cached per model in ``bench/results/timm_modules.json`` (delete an entry to rerun it).
+Results are cached per model in ``bench/results/timm_modules.json`` (delete an entry to rerun it)
+and their rows copied to ``docs/bench/timm_modules.json``, which architectures.py reads without a cache.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "bench" / "results" / "timm_modules.json"
+CACHE = ROOT / "bench" / "results" / "timm_modules.json"  # the working cache (not committed)
+RECORD = ROOT / "docs" / "bench" / "timm_modules.json"  # the rows of the last sweep, committed
 CLASSES = 10
 CAL, HOLD = 48, 32
 STEPS = 1
@@ -230,12 +232,12 @@ def _fmt(v, spec: str) -> str:
 
 def section(cache: dict | None = None) -> str:
     """The markdown section of docs/architectures.md for the module sweep (from the cache)."""
-    cache = _load(CACHE) if cache is None else cache
+    cache = (_load(CACHE) or _load(RECORD)) if cache is None else cache
     rows = sorted(cache.get("rows", {}).values(), key=lambda r: r["module"])
     if not rows:
         return "Not run yet: `PYTHONPATH=. OMP_NUM_THREADS=1 python bench/timm_modules.py`."
     passed = sum(r["result"] == "pass" for r in rows)
-    modules = len(smallest_per_module(cache.get("params", {}))) or len(rows)
+    modules = cache.get("modules") or len(smallest_per_module(cache.get("params", {}))) or len(rows)
     lines = [
         f"**{passed} of {modules} modules pass ({passed / modules:.0%})**; "
         f"{sum(r['result'] == 'fail' for r in rows)} fail, {sum(r['result'] == 'skipped' for r in rows)} skipped, "
@@ -261,13 +263,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3, help="models run at once")
     parser.add_argument("--reverse", action="store_true", help="largest first (for a second sweep beside the first)")
     parser.add_argument("--rerun", action="store_true", help="rerun models already in the cache")
+    parser.add_argument("--record", action="store_true", help="only copy the cached rows to docs/bench/timm_modules.json")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]))
         return
+    if args.record:
+        write_record()
+        return
     cache = _load(CACHE)
+    known = len(cache.get("params", {}))
     counts = parameter_counts(cache)
-    _save(CACHE, cache)
+    if len(counts) != known:  # only then: another sweep may be writing rows into the file
+        _save(CACHE, cache)
     rows = cache.setdefault("rows", {})
     picks = smallest_per_module(counts)
     order = sorted(picks.items(), key=lambda kv: kv[1][1], reverse=args.reverse)  # smallest first: most results early
@@ -295,6 +303,13 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(one, todo))
+    write_record()
+
+
+def write_record() -> None:
+    """Copy the cache's rows (not the 1000-odd parameter counts) to the committed record."""
+    cache = _load(CACHE)
+    _save(RECORD, {"modules": len(smallest_per_module(cache.get("params", {}))), "rows": cache.get("rows", {})})
 
 if __name__ == "__main__":
     main()
