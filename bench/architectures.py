@@ -153,11 +153,31 @@ def fast_path_noise(seed: int = 0) -> list[tuple[str, float, float, float]]:
     return out
 
 
+def modules_section() -> str:
+    """The section of the module sweep (bench/timm_modules.py), from its cached or recorded rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import timm_modules
+
+    return MODULES_DOC.format(
+        modules=timm_modules.section(), cal=timm_modules.CAL, hold=timm_modules.HOLD, mod_steps=timm_modules.STEPS,
+        max_params=timm_modules.MAX_PARAMS, cpu_limit=timm_modules.CPU_LIMIT, flags=" ".join(timm_modules.FLAGS),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print the table instead of writing docs/architectures.md")
     parser.add_argument("--models", default="test_*", help="timm name pattern")
+    parser.add_argument("--modules-only", action="store_true", help="only refresh the module sweep's section of docs/architectures.md")
     args = parser.parse_args()
+    path = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+    if args.modules_only:
+        text = path.read_text()
+        head = "## Coverage sweep: the smallest model of every `timm.models` module"
+        a, b = text.index(head), text.index("## Noise floor of `nn.TransformerEncoderLayer`")
+        path.write_text(text[:a] + modules_section() + text[b:])
+        print(f"wrote {path}", file=sys.stderr)
+        return
     torch.set_num_threads(1)
     rows = []
     for arch in timm.list_models(args.models):
@@ -177,17 +197,11 @@ def main() -> None:
         print(text + "\n\n" + noise_text)
         return
     done = sum(r.teleported for r in rows)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import timm_modules  # the module sweep's cached results (bench/timm_modules.py runs it)
-
     doc = DOC.format(
-        modules=timm_modules.section(), cal=timm_modules.CAL, hold=timm_modules.HOLD, mod_steps=timm_modules.STEPS,
-        max_params=timm_modules.MAX_PARAMS, cpu_limit=timm_modules.CPU_LIMIT, flags=" ".join(timm_modules.FLAGS),
-        done=done, total=len(rows), share=done / len(rows), table=text, noise=noise_text,
+        modules_section=modules_section(),
         size=SIZE, classes=CLASSES, samples=SAMPLES, steps=CONFIG.steps, step_size=CONFIG.step_size,
         seconds=sum(r.seconds for r in rows), timm=timm.__version__, torch=torch.__version__,
     )
-    path = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
     path.parent.mkdir(exist_ok=True)
     path.write_text(doc)
     print(f"wrote {path}", file=sys.stderr)
@@ -241,7 +255,25 @@ runs the same sweep.
 
 {table}
 
-## Coverage sweep: the smallest model of every `timm.models` module
+{modules_section}## Noise floor of `nn.TransformerEncoderLayer`'s fast path
+
+`nn.TransformerEncoderLayer` has three paths in eval mode: without hooks under `no_grad` the
+fused `torch._transformer_encoder_layer_fwd` (the determinism check and verification run this
+for both models); with a forward hook attached anywhere inside it, module by module but with
+`nn.MultiheadAttention`'s own fused kernel (the capture); with grad enabled, the plain path
+(the teleport loop's gradient passes and drift checks). Measured by `bench/architectures.py`
+(random init, float32, CPU): the hooked path is bit-identical to the fused one on CPU, and
+the grad path differs from both by float32 roundoff, about 1e-7 of the output and below 1e-6
+of the loss: far under every drift gate (`--tolerance` 5e-3, and the 1e-6 absolute slack of
+the gate). The loop compares its own grad-path losses with each other and verification
+compares fast-path runs with each other, so the paths never meet inside one gate. Not
+measured on CUDA (no GPU in this session), where the fused kernels may differ more.
+
+{noise}
+"""
+
+
+MODULES_DOC = """## Coverage sweep: the smallest model of every `timm.models` module
 
 `bench/timm_modules.py` takes, for each module of `timm.list_modules()`, the registered model
 with the fewest parameters (counted on the meta device with 10 classes; nothing downloaded),
@@ -259,7 +291,7 @@ gates, calibration and held-out, passed (a failed gate is exit 4). Models above
 {max_params:,} parameters, or whose build or `apply` needs more than {cpu_limit} CPU seconds (the
 child's `RLIMIT_CPU`), are listed as skipped with that reason: not run is not passed. "grad-norm
 gain" is the calibration gradient norm after / before, "drift" the relative loss change, "s" the
-wall seconds of `apply` on the shared 2-core machine (several runs at once: not a cost figure;
+wall seconds of the child (build and `apply`) on the shared 2-core machine (several runs at once: not a cost figure;
 [docs/cost.md](cost.md) has those). Run with `PYTHONPATH=. OMP_NUM_THREADS=1 python
 bench/timm_modules.py` (resumable: results are cached per model in
 `bench/results/timm_modules.json`, their rows copied to `docs/bench/timm_modules.json`), then
@@ -268,21 +300,6 @@ in the time the session had: rerunning the first command fills it in.
 
 {modules}
 
-## Noise floor of `nn.TransformerEncoderLayer`'s fast path
-
-`nn.TransformerEncoderLayer` has three paths in eval mode: without hooks under `no_grad` the
-fused `torch._transformer_encoder_layer_fwd` (the determinism check and verification run this
-for both models); with a forward hook attached anywhere inside it, module by module but with
-`nn.MultiheadAttention`'s own fused kernel (the capture); with grad enabled, the plain path
-(the teleport loop's gradient passes and drift checks). Measured by `bench/architectures.py`
-(random init, float32, CPU): the hooked path is bit-identical to the fused one on CPU, and
-the grad path differs from both by float32 roundoff, about 1e-7 of the output and below 1e-6
-of the loss: far under every drift gate (`--tolerance` 5e-3, and the 1e-6 absolute slack of
-the gate). The loop compares its own grad-path losses with each other and verification
-compares fast-path runs with each other, so the paths never meet inside one gate. Not
-measured on CUDA (no GPU in this session), where the fused kernels may differ more.
-
-{noise}
 """
 
 

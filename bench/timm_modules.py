@@ -237,7 +237,10 @@ def section(cache: dict | None = None) -> str:
     if not rows:
         return "Not run yet: `PYTHONPATH=. OMP_NUM_THREADS=1 python bench/timm_modules.py`."
     passed = sum(r["result"] == "pass" for r in rows)
-    modules = cache.get("modules") or len(smallest_per_module(cache.get("params", {}))) or len(rows)
+    picks = cache.get("picks") or {m: list(v) for m, v in smallest_per_module(cache.get("params", {})).items()}
+    modules = len(picks) or len(rows)
+    done = {r["module"] for r in rows}
+    not_run = [f"{m} (`{n}`, {c / 1e6:.2f} M)" for m, (n, c) in sorted(picks.items()) if m not in done]
     lines = [
         f"**{passed} of {modules} modules pass ({passed / modules:.0%})**; "
         f"{sum(r['result'] == 'fail' for r in rows)} fail, {sum(r['result'] == 'skipped' for r in rows)} skipped, "
@@ -253,6 +256,8 @@ def section(cache: dict | None = None) -> str:
             f"| {r['module']} | `{r['model']}` | {r['params'] / 1e6:.2f} M | {_fmt(r.get('size'), 'd')} | {r['result']} | "
             f"{_fmt(r.get('steps'), 'd')} | {_fmt(r.get('grad_norm_ratio'), '.3g')} | {drift} | {_fmt(r.get('seconds'), '.0f')} | {reason} |"
         )
+    if not_run:
+        lines += ["", "Not run (not reached in the session's time; not passed): " + ", ".join(not_run) + "."]
     return "\n".join(lines)
 
 
@@ -309,7 +314,8 @@ def main() -> None:
 def write_record() -> None:
     """Copy the cache's rows (not the 1000-odd parameter counts) to the committed record."""
     cache = _load(CACHE)
-    _save(RECORD, {"modules": len(smallest_per_module(cache.get("params", {}))), "rows": cache.get("rows", {})})
+    picks = {m: list(v) for m, v in smallest_per_module(cache.get("params", {})).items()}
+    _save(RECORD, {"picks": picks, "rows": cache.get("rows", {})})
 
 if __name__ == "__main__":
     main()
