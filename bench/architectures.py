@@ -174,7 +174,8 @@ def main() -> None:
     if args.modules_only:
         text = path.read_text()
         head = "## Coverage sweep: the smallest model of every `timm.models` module"
-        a, b = text.index(head), text.index("## Noise floor of `nn.TransformerEncoderLayer`")
+        b = text.index("## Noise floor of `nn.TransformerEncoderLayer`")
+        a = text.index(head) if head in text else b  # a page written before the module sweep: insert it
         path.write_text(text[:a] + modules_section() + text[b:])
         print(f"wrote {path}", file=sys.stderr)
         return
@@ -198,7 +199,7 @@ def main() -> None:
         return
     done = sum(r.teleported for r in rows)
     doc = DOC.format(
-        modules_section=modules_section(),
+        modules_section=modules_section(), done=done, total=len(rows), share=done / len(rows), table=text, noise=noise_text,
         size=SIZE, classes=CLASSES, samples=SAMPLES, steps=CONFIG.steps, step_size=CONFIG.step_size,
         seconds=sum(r.seconds for r in rows), timm=timm.__version__, torch=torch.__version__,
     )
