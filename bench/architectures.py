@@ -243,7 +243,7 @@ Every model whose name starts with `test_` (timm {timm}, torch {torch}), random 
 samples (so that layers have exact null spaces: rows are samples x positions or tokens),
 {steps} steps of relative size {step_size}. Teleported means: weights moved AND max |logit
 difference| <= 1e-4 x max |logit| on the calibration set (float32).
-**{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s in all on one CPU thread.
+**{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s of wall time in all on one CPU thread (shared machine).
 "teleported" layers are those allowed to move (null space not empty); "moved" counts those
 whose weight changed (with exact null spaces a layer whose inputs, outputs and gradient stay
 fixed, such as a stem whose upstream has no parameters, gets no ascent direction; and timm
