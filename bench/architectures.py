@@ -153,11 +153,32 @@ def fast_path_noise(seed: int = 0) -> list[tuple[str, float, float, float]]:
     return out
 
 
+def modules_section() -> str:
+    """The section of the module sweep (bench/timm_modules.py), from its cached or recorded rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import timm_modules
+
+    return MODULES_DOC.format(
+        modules=timm_modules.section(), cal=timm_modules.CAL, hold=timm_modules.HOLD, mod_steps=timm_modules.STEPS,
+        max_params=timm_modules.MAX_PARAMS, cpu_limit=timm_modules.CPU_LIMIT, flags=" ".join(timm_modules.FLAGS),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print the table instead of writing docs/architectures.md")
     parser.add_argument("--models", default="test_*", help="timm name pattern")
+    parser.add_argument("--modules-only", action="store_true", help="only refresh the module sweep's section of docs/architectures.md")
     args = parser.parse_args()
+    path = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+    if args.modules_only:
+        text = path.read_text()
+        head = "## Coverage sweep: the smallest model of every `timm.models` module"
+        b = text.index("## Noise floor of `nn.TransformerEncoderLayer`")
+        a = text.index(head) if head in text else b  # a page written before the module sweep: insert it
+        path.write_text(text[:a] + modules_section() + text[b:])
+        print(f"wrote {path}", file=sys.stderr)
+        return
     torch.set_num_threads(1)
     rows = []
     for arch in timm.list_models(args.models):
@@ -178,11 +199,10 @@ def main() -> None:
         return
     done = sum(r.teleported for r in rows)
     doc = DOC.format(
-        done=done, total=len(rows), share=done / len(rows), table=text, noise=noise_text,
+        modules_section=modules_section(), done=done, total=len(rows), share=done / len(rows), table=text, noise=noise_text,
         size=SIZE, classes=CLASSES, samples=SAMPLES, steps=CONFIG.steps, step_size=CONFIG.step_size,
         seconds=sum(r.seconds for r in rows), timm=timm.__version__, torch=torch.__version__,
     )
-    path = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
     path.parent.mkdir(exist_ok=True)
     path.write_text(doc)
     print(f"wrote {path}", file=sys.stderr)
@@ -223,7 +243,7 @@ Every model whose name starts with `test_` (timm {timm}, torch {torch}), random 
 samples (so that layers have exact null spaces: rows are samples x positions or tokens),
 {steps} steps of relative size {step_size}. Teleported means: weights moved AND max |logit
 difference| <= 1e-4 x max |logit| on the calibration set (float32).
-**{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s in all on one CPU thread.
+**{done} of {total} teleported ({share:.0%})**, {seconds:.0f} s of wall time in all on one CPU thread (shared machine).
 "teleported" layers are those allowed to move (null space not empty); "moved" counts those
 whose weight changed (with exact null spaces a layer whose inputs, outputs and gradient stay
 fixed, such as a stem whose upstream has no parameters, gets no ascent direction; and timm
@@ -236,7 +256,7 @@ runs the same sweep.
 
 {table}
 
-## Noise floor of `nn.TransformerEncoderLayer`'s fast path
+{modules_section}## Noise floor of `nn.TransformerEncoderLayer`'s fast path
 
 `nn.TransformerEncoderLayer` has three paths in eval mode: without hooks under `no_grad` the
 fused `torch._transformer_encoder_layer_fwd` (the determinism check and verification run this
@@ -251,6 +271,36 @@ compares fast-path runs with each other, so the paths never meet inside one gate
 measured on CUDA (no GPU in this session), where the fused kernels may differ more.
 
 {noise}
+"""
+
+
+MODULES_DOC = """## Coverage sweep: the smallest model of every `timm.models` module
+
+`bench/timm_modules.py` takes, for each module of `timm.list_modules()`, the registered model
+with the fewest parameters (counted on the meta device with 10 classes; nothing downloaded),
+builds it with random init (seed 0) at its minimum input size (the smallest of 32, 64, 96, ...
+pixels, not below the default config's `min_input_size`, at which it builds, with `img_size=`
+where the model takes one, and runs a forward pass), and runs `teleport apply` on its state dict
+in a child process as `teleport apply MODEL --data CAL --holdout HOLD --model NAME --model-kwargs
+JSON {flags}`, that is with the defaults (`--hvp auto`, tau 0.99, `--tolerance`,
+`--holdout-tolerance`, the guard) but for the paper's gradient-norm objective (the look-ahead's
+default learning rate costs a Lanczos run of up to 20 Hessian-vector products), one batch (no
+`--batch-size auto` probes) and {mod_steps} accepted step, on the first {cal} of sklearn's digits as
+calibration and the next {hold} as held-out set (bilinearly resized to the input size, 3 channels,
+10 classes). **A model passes when the command exits 0 after at least one accepted step**: both
+gates, calibration and held-out, passed (a failed gate is exit 4). Models above
+{max_params:,} parameters, or whose build or `apply` needs more than {cpu_limit} CPU seconds (the
+child's `RLIMIT_CPU`), are listed as skipped with that reason: not run is not passed. "grad-norm
+gain" is the calibration gradient norm after / before, "drift" the relative loss change, "s" the
+wall seconds of the child (build and `apply`) on the shared 2-core machine (several runs at once: not a cost figure;
+[docs/cost.md](cost.md) has those). Run with `PYTHONPATH=. OMP_NUM_THREADS=1 python
+bench/timm_modules.py` (resumable: results are cached per model in
+`bench/results/timm_modules.json`, their rows copied to `docs/bench/timm_modules.json`), then
+`python bench/architectures.py` writes this page. A module listed as not run was not reached
+in the time the session had: rerunning the first command fills it in.
+
+{modules}
+
 """
 
 
