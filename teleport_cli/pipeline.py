@@ -169,7 +169,7 @@ def teleport(
             event("capture", done[0], len(fit), {})
 
         event("capture", 0, len(fit), {})
-        precision = torch.float32 if config.tau < 1.0 and next(model.parameters()).dtype != torch.float64 else torch.float64  # eigh
+        precision = torch.float32 if config.eigh == "float32" and config.tau < 1.0 and next(model.parameters()).dtype != torch.float64 else torch.float64
         accs = capture_grams(model, layers, fit_batches, captured)
         basis_layers = [spec for spec, _ in layers if accs[spec.name].calls > 0 and accs[spec.name].plain]
         event("bases", 0, len(basis_layers), {})

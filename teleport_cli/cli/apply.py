@@ -10,6 +10,7 @@ from rich.table import Table
 from ..checkpoints.options import FileOptions
 from ..config import (
     DEVICES,
+    EIGH_DTYPES,
     HVP_MODES,
     LOSSES,
     METHODS,
@@ -88,6 +89,8 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--hvp", type=click.Choice(HVP_MODES), default=D.hvp, show_default=True,
               help="Hessian-vector products of grad-norm/lookahead: forward or central finite differences of gradients, exact double backward, "
                    "or auto (forward where eps and eps/4 agree to 1e-2 on the first step, else exact; docs/hvp.md).")
+@click.option("--eigh", type=click.Choice(EIGH_DTYPES), default=D.eigh, show_default=True,
+              help="dtype of the Gram eigendecompositions at --tau < 1: float32 is faster on large Grams but follows float-order noise more (docs/cost.md).")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB",
@@ -110,7 +113,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
-          method, objective, lr, momentum, lookahead_steps, probes, hvp, guard_fraction, layer_globs, exclude_globs, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, hvp, eigh, guard_fraction, layer_globs, exclude_globs, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..parallel.group import env_rank, env_world_size
@@ -121,7 +124,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
     try:
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
-            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp,
+            holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp, eigh=eigh,
             guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size, max_memory=max_memory, max_seconds=max_seconds,
             seed=seed, device=device, loss=loss or D.loss, layers=layer_globs, exclude=exclude_globs,
         )

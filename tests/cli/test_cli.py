@@ -15,13 +15,6 @@ from teleport_cli.cli import cli
 from teleport_cli.models.builtin import MLP
 
 
-@pytest.fixture
-def files(samples, tmp_path):
-    for name in ("mlp_digits_mid.safetensors", "digits_calibration.safetensors", "digits_holdout.safetensors"):
-        shutil.copy(samples / name, tmp_path / name)
-    return tmp_path
-
-
 def run(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     return result

@@ -2,7 +2,6 @@
 excluded tensors byte-identical in the written file, unmatched globs as usage errors."""
 
 import json
-import shutil
 from fnmatch import fnmatchcase
 
 import pytest
@@ -15,13 +14,6 @@ from teleport_cli.cli import cli
 from teleport_cli.config import TeleportConfig
 from teleport_cli.errors import ConfigError
 from teleport_cli.nullspace.selection import find_layers
-
-
-@pytest.fixture
-def files(samples, tmp_path):
-    for name in ("mlp_digits_mid.safetensors", "digits_calibration.safetensors", "digits_holdout.safetensors"):
-        shutil.copy(samples / name, tmp_path / name)
-    return tmp_path
 
 
 def run(*args):

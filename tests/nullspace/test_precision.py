@@ -146,3 +146,27 @@ def test_a_group_whose_float32_eigh_fails_falls_back_to_float64(monkeypatch):
     s64, v64 = real(0.5 * (gram[1] + gram[1].T))
     assert torch.equal(pairs[1][0], s64) and torch.equal(pairs[1][1], v64)
     assert torch.float64 in calls
+
+
+def test_the_default_eigh_is_float64_and_float32_is_opt_in(monkeypatch):
+    """The pipeline asks layer_basis for float64 unless --eigh float32 (and tau < 1): float32 bases
+    follow the Grams' float-order noise (docs/cost.md)."""
+    import teleport_cli.pipeline as pipeline
+    from teleport_cli.config import TeleportConfig
+    from teleport_cli.models.builtin import MLP
+    from teleport_cli.nullspace.bases import layer_basis as real
+
+    seen = []
+
+    def spy(name, gram, tau, precision=torch.float64):
+        seen.append(precision)
+        return real(name, gram, tau, precision)
+
+    monkeypatch.setattr(pipeline, "layer_basis", spy)
+    torch.manual_seed(0)
+    model = MLP(in_features=8, hidden=[16], num_classes=3)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    for eigh, tau, want in (("float64", 0.99, torch.float64), ("float32", 0.99, torch.float32), ("float32", 1.0, torch.float64)):
+        seen.clear()
+        pipeline.teleport(model, (x, y), TeleportConfig(steps=1, eigh=eigh, tau=tau, batch_size=64, guard_fraction=0.0))
+        assert seen and set(seen) == {want}, (eigh, tau, seen)
