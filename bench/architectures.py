@@ -290,7 +290,11 @@ calibration and the next {hold} as held-out set (bilinearly resized to the input
 10 classes). **A model passes when the command exits 0 after at least one accepted step**: both
 gates, calibration and held-out, passed (a failed gate is exit 4). Models above
 {max_params:,} parameters, or whose build or `apply` needs more than {cpu_limit} CPU seconds (the
-child's `RLIMIT_CPU`), are listed as skipped with that reason: not run is not passed. "grad-norm
+child's `RLIMIT_CPU`), are listed as skipped with that reason: not run is not passed (a second
+pass, `--only ... --max-params 130000000 --cpu-limit 900`, ran some of those skipped by the first;
+each row's `cpu_limit` in the record says which cap it ran under; 64 rows come from the tree
+before this session's cost and data-parallel merges, the rest from after, NASNet and PNASNet after
+the fix for convs that pad inside forward, which crashed them). "grad-norm
 gain" is the calibration gradient norm after / before, "drift" the relative loss change, "s" the
 wall seconds of the child (build and `apply`) on the shared 2-core machine (several runs at once: not a cost figure;
 [docs/cost.md](cost.md) has those). Run with `PYTHONPATH=. OMP_NUM_THREADS=1 python

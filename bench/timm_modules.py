@@ -262,6 +262,7 @@ def section(cache: dict | None = None) -> str:
 
 
 def main() -> None:
+    global MAX_PARAMS, CPU_LIMIT, TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="these modules only")
@@ -269,7 +270,11 @@ def main() -> None:
     parser.add_argument("--reverse", action="store_true", help="largest first (for a second sweep beside the first)")
     parser.add_argument("--rerun", action="store_true", help="rerun models already in the cache")
     parser.add_argument("--record", action="store_true", help="only copy the cached rows to docs/bench/timm_modules.json")
+    parser.add_argument("--max-params", type=int, default=MAX_PARAMS, help="run models up to this many parameters (default %(default)s)")
+    parser.add_argument("--cpu-limit", type=int, default=CPU_LIMIT, help="CPU seconds per model (default %(default)s)")
     args = parser.parse_args()
+    MAX_PARAMS, CPU_LIMIT = args.max_params, args.cpu_limit
+    TIMEOUT = max(TIMEOUT, 3 * CPU_LIMIT)
     if args.child:
         child(args.child[0], Path(args.child[1]))
         return
@@ -286,7 +291,8 @@ def main() -> None:
     order = sorted(picks.items(), key=lambda kv: kv[1][1], reverse=args.reverse)  # smallest first: most results early
     todo = [(m, n, c) for m, (n, c) in order if (not args.only or m in args.only)
             and (args.rerun or rows.get(m, {}).get("model") != n
-                 or (rows[m].get("reason", "").startswith("too large") and c <= MAX_PARAMS))]
+                 or (rows[m].get("reason", "").startswith("too large") and c <= MAX_PARAMS)
+                 or (rows[m].get("reason", "").startswith("apply over the") and CPU_LIMIT > rows[m].get("cpu_limit", 300)))]
     lock = threading.Lock()
 
     def one(item):
@@ -298,7 +304,7 @@ def main() -> None:
             row = {"model": name, "result": "skipped", "reason": f"too large for the 2-core sweep ({params:,} params)"}
         else:
             row = run_model(name)
-        row.update(module=module, params=params)
+        row.update(module=module, params=params, cpu_limit=CPU_LIMIT)
         with lock:  # merged into the file as it is now: other sweeps may be filling it too
             disk = _load(CACHE)
             disk.setdefault("rows", {})[module] = row

@@ -10,14 +10,17 @@ With ``A = V diag(s) V^T`` (s ascending):
 * ``tau < 1``: additionally the smallest directions whose eigenvalues sum to at most
   ``(1 - tau) * trace(A)``; the method is then approximately invariant.
 
-Where tau < 1 the pipeline decomposes in float32 (``precision=torch.float32``): a float32 eigh
-of the same Gram is 1.7-2.3x faster, and its error (``~ d_in * eps_float32 * max(s)`` per
+With ``--eigh float32`` (``TeleportConfig.eigh``; the default is float64) and tau < 1 the
+pipeline decomposes in float32 (``precision=torch.float32``): a float32 eigh of the same Gram is
+1.7-2.3x faster, and its error (``~ d_in * eps_float32 * max(s)`` per
 eigenvalue, Davis-Kahan for the subspace) is far below the ``(1 - tau) * trace`` budget that
 picks the null directions (tests/nullspace/test_precision.py checks dimension, projector and
 energy against float64). Its vectors are re-orthonormalised in float64, and any group whose
 float32 eigh fails falls back to float64. The reported rank then follows the same rule with
 float32's epsilon (as ``numpy.linalg.matrix_rank`` does for float32 input): directions below
-float32's resolution count as zero.
+float32's resolution count as zero. It is not the default because float32 bases follow the
+Grams' float-order noise (another batch size, another number of ranks) about 50x more than
+float64 ones (docs/cost.md).
 
 The projection of a gradient G (``d_out x d_in``) is ``G N N^T`` with the null basis N, or
 ``G - G M M^T`` with the kept basis M; whichever basis is smaller is stored.

@@ -92,6 +92,9 @@ def gram_hooks(layers: list[tuple[LayerSpec, nn.Module]], token_mask: dict | Non
             if acc.plain is None:
                 acc.plain_error = _check_plain(acc.spec, module, x, output.detach())
                 acc.plain = acc.plain_error <= PLAIN_RTOL
+            if not acc.plain:  # never teleported (its reason says why): no rows, which may not even exist
+                acc.calls += 1  # (timm's Conv2dSame pads in forward: its bare input can be smaller than the kernel)
+                return
             rows = input_rows(acc.spec, module, x).to(acc.product_dtype)
             mask = token_mask.get("mask")
             if mask is not None and not x.is_nested and acc.spec.kind in LINEAR_KINDS and tuple(x.shape[:-1]) == tuple(mask.shape):

@@ -119,3 +119,27 @@ def test_tied_and_frozen_weights_are_excluded_with_reason():
     assert layers == []
     reasons = {e.name: e.reason for e in excluded}
     assert "tied" in reasons["0"] and "tied" in reasons["1"] and "frozen" in reasons["2"]
+
+
+def test_a_conv_that_pads_in_forward_is_left_alone_not_a_crash():
+    """timm's Conv2dSame pads its input inside forward (module.padding is 0): on a 4x4 input its
+    bare input is smaller than the 5x5 kernel, so its patches do not exist. The layer fails the
+    plain-map check and is left out with that reason; the other layers teleport, and the conv's
+    weight does not move (NASNet and PNASNet at their minimum input crashed with exit 1 here)."""
+    from timm.layers import Conv2dSame
+
+    from teleport_cli.config import TeleportConfig
+    from teleport_cli.pipeline import teleport
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 4, 5, stride=2), nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3))
+    x, y = torch.randn(60, 3, 4, 4), torch.randint(0, 3, (60,))
+    assert model(x).shape == (60, 3)  # the model itself runs: timm pads to 'same'
+    before = model[0].weight.detach().clone()
+    out = teleport(model, (x, y), TeleportConfig(steps=2, batch_size=64, guard_fraction=0.0, tau=0.9))
+    layers = {l.name: l for l in out.layers}
+    assert not layers["0"].teleported and layers["0"].reason.startswith("output is not F.conv2d")
+    assert torch.equal(out.model[0].weight, before)
+    # the linear layers behind it were captured: one row per calibration sample (60 less the 12
+    # of the seeded 20% held-out split)
+    assert layers["2"].rows == 60 - 12 and layers["4"].rows == 60 - 12
