@@ -7,6 +7,7 @@ version). From the repository root::
 
     .venv/bin/python bench/run_all.py            # all cells, then docs/benchmarks.md
     .venv/bin/python bench/run_all.py --only mlp # one checkpoint
+    .venv/bin/python bench/run_all.py --only gpt2 --optimizers adam  # one cell
 
 A cell that neither this run computed nor the cache holds keeps its section and its row of the
 summary table from the current docs/benchmarks.md, unchanged (``--only gpt2`` on a fresh clone
@@ -239,6 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--sgd-first-pass", action="store_true", help="only SGD cells and cells already cached")
+    ap.add_argument("--optimizers", nargs="*", default=None, help="only these optimizers' cells (the others keep their sections)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest and timings stay steady
     config = TeleportConfig()
@@ -248,6 +250,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         for opt in GRID[name][4]:
+            if args.optimizers and opt not in args.optimizers:
+                continue
             if args.sgd_first_pass and opt != "sgd" and not (CELLS / f"{name}__{opt}.json").exists():
                 continue
             doc = run_cell(name, opt, config)
@@ -257,7 +261,8 @@ def main() -> None:
                 p.replace(DOCS / "bench" / f"{name}__{opt}__{p.name}")
             tmp.rmdir()
             print(name, opt, {k: v.get("steps_to_target_ratio") for k, v in doc["variants"].items()}, flush=True)
-    write_markdown(cells, time.perf_counter() - start, "bench/run_all.py" + (" --only " + " ".join(args.only) if args.only else ""))
+    write_markdown(cells, time.perf_counter() - start, "bench/run_all.py" + (" --only " + " ".join(args.only) if args.only else "")
+                   + (" --optimizers " + " ".join(args.optimizers) if args.optimizers else ""))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,12 @@ def _entry(rank: int, worker, world_size: int, port: int, out: str, args: tuple)
     torch.manual_seed(0)
     result = worker(rank, *args)
     torch.save(result, Path(out) / f"{rank}.pt")
+    # leave without the interpreter's shutdown: a worker that returns with its process group alive
+    # (a rank that leaves on purpose) can abort in gloo's thread destructors under load
+    # ("terminate called without an active exception", SIGABRT), which would fail the run; the
+    # kernel closes its sockets all the same, which is what the other ranks are to notice
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def run(worker, world_size: int, *args, timeout: float = 240.0) -> list:

@@ -56,6 +56,7 @@ PEAK_SCRIPT = textwrap.dedent(
     from teleport_cli.data.tensors import TensorData
     from teleport_cli.nullspace.derivatives import hessian_vector_product
     from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace import memory
     from teleport_cli.nullspace.memory import choose_batch_size, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     torch.manual_seed(0)
@@ -66,6 +67,9 @@ PEAK_SCRIPT = textwrap.dedent(
     cpu = torch.device("cpu")
     free = choose_batch_size(model, data, loss, cpu, max_memory=2**40)
     budget = free.in_use + free.reserve + free.fixed + free.per_sample * 40   # room for about 40 samples
+    # the second choice reads the same probes: on a loaded machine a fresh probe can measure a
+    # smaller slope, and the budget made for about 40 samples would then admit 256
+    memory._cpu_probes = lambda *args: list(free.probes)
     chosen = choose_batch_size(model, data, loss, cpu, max_memory=budget)
     params = [p for p in model.parameters()]
     reset_peak_rss()
