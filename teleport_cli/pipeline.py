@@ -336,6 +336,7 @@ def apply(
     model_kwargs: str | dict | None = None,
     samples: int | None = None,
     loss_from_checkpoint: bool = False,
+    on_written: Callable[[Path], None] | None = None,
 ) -> ApplyResult:
     """Load a checkpoint and data files, teleport, verify, and write the verified checkpoint.
 
@@ -346,7 +347,8 @@ def apply(
     ``model_spec``/``model_kwargs`` override the metadata's architecture (``--model``,
     ``--model-kwargs``; :mod:`teleport_cli.models.factories`); ``samples`` keeps a seeded choice of
     calibration samples (``--samples``, seeded by ``config.seed``); with ``loss_from_checkpoint``
-    the checkpoint's ``loss`` metadata (if any) replaces ``config.loss``. Data kinds:
+    the checkpoint's ``loss`` metadata (if any) replaces ``config.loss``; ``on_written(out)`` runs
+    once the output is in place (the CLI's commit point for Ctrl-C). Data kinds:
     :mod:`teleport_cli.data.sources`.
 
     Raises:
@@ -436,6 +438,8 @@ def apply(
     )
     metadata.setdefault("data_config", json.dumps({}))
     write_checkpoint(ckpt, out, sets, entries, metadata, force=force)
+    if on_written is not None:
+        on_written(out)
     result.output = str(out)
     result.seconds = time.perf_counter() - start
     return result

@@ -19,6 +19,7 @@ from ..config import (
     TeleportConfig,
 )
 from ..errors import NoStepAccepted, TeleportError, VerificationFailed
+from . import interrupts
 from .common import (
     EXIT_CODES_HELP,
     batch_options,
@@ -138,7 +139,8 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
             check_html_path(report_out, inputs, flag="--report", force=force)
         with progress_events(not quiet) as on_event:
             result = run_apply(checkpoint, data, output, config, holdout=holdout, force=force, on_event=on_event, files=files,
-                               model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None)
+                               model_spec=model_spec, model_kwargs=model_kwargs, samples=samples, loss_from_checkpoint=loss is None,
+                               on_written=lambda out: interrupts.committed())
     except (VerificationFailed, NoStepAccepted) as e:
         if worker:  # rank 0 reports the outcome
             return

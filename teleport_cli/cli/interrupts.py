@@ -16,6 +16,7 @@ import sys
 from ..errors import EXIT_INTERRUPTED
 
 SEEN: list[int] = []
+INSTALLED: list[bool] = []
 RECHECK_S = 0.02  # a SIGINT that arrives inside an import is raised this much later, once outside
 
 
@@ -55,6 +56,14 @@ def stop() -> None:
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
 
+def committed() -> None:
+    """The command's output is in place: a Ctrl-C from here on is ignored, and the command ends
+    with its own exit code and result (exit 130 would tell a pipeline that nothing was written).
+    A no-op where :func:`install` did not run (in-process callers keep their own SIGINT)."""
+    if INSTALLED:
+        stop()
+
+
 def exit_interrupted(message: bool = True) -> None:
     """Ignore further SIGINTs, print ``interrupted``, and end the process with 130 at once.
 
@@ -76,6 +85,7 @@ def exit_interrupted(message: bool = True) -> None:
 
 def install() -> None:
     """Take over SIGINT (and SIGALRM, for postponed interrupts) for this process."""
+    INSTALLED.append(True)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, _on_sigint)
 

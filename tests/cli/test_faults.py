@@ -198,6 +198,42 @@ CTRL_C_IN_WRITE = textwrap.dedent("""
 """)
 
 
+AFTER_PUBLISH = textwrap.dedent("""
+    import importlib, sys, time
+    command = importlib.import_module("teleport_cli.cli.apply")  # the module, not the click command of that name
+    render = command._render
+
+    def held(doc, as_json, quiet):  # the output is in place: wait here until the parent's SIGINT has landed
+        sys.stderr.write("published\\n")
+        sys.stderr.flush()
+        time.sleep(3)
+        render(doc, as_json, quiet)
+
+    command._render = held
+    sys.argv[0] = "teleport"
+    from teleport_cli.cli import main
+    main()
+""")
+
+
+def test_ctrl_c_after_the_output_is_in_place_keeps_exit_0_and_the_result(tmp_path):
+    """A SIGINT between the publish of the output and the end of the command (printing the
+    result) is ignored: exit 130 would tell a pipeline that nothing was written."""
+    out = tmp_path / "o.safetensors"
+    p = subprocess.Popen([sys.executable, "-c", AFTER_PUBLISH, "apply", str(MID), "--data", str(CAL), "--holdout", str(HOLD),
+                          "-o", str(out), "--json", "-q", "--steps", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    assert p.stderr.readline() == "published\n"
+    assert out.exists()
+    p.send_signal(signal.SIGINT)
+    stdout, err = p.communicate(timeout=600)
+    assert (p.returncode, err) == (0, ""), (p.returncode, err)
+    doc = json.loads(stdout)
+    assert doc["exit_code"] == 0 and doc["output"] == str(out)
+    assert load_file(str(out)).keys() == load_file(str(MID)).keys()
+    assert sorted(os.listdir(tmp_path)) == ["o.safetensors"]
+
+
 def test_ctrl_c_inside_a_write_leaves_no_temporary(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", CTRL_C_IN_WRITE, str(tmp_path / "o.safetensors")], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
