@@ -149,18 +149,18 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
             try:
                 doc["report"] = _write_report(report_out, e.result, data, holdout, config, inputs, force)
             except TeleportError as e2:
-                fail(e2)
+                fail(e2, as_json)
             _render(doc, as_json, quiet)
-        fail(e)
+        fail(e, as_json and e.result is None)
     except TeleportError as e:
-        fail(e)
+        fail(e, as_json)
     if worker:
         return
     doc = {**result.to_dict(), "exit_code": 0}  # torchrun turns any worker's exit code into its own 1
     try:
         doc["report"] = _write_report(report_out, result, data, holdout, config, inputs, force)
     except TeleportError as e:
-        fail(e)
+        fail(e, as_json)
     _render(doc, as_json, quiet)
 
 

@@ -97,11 +97,11 @@ def _out_folder(out_dir, inputs, force: bool) -> Path | None:
 @click.option("--period", type=int, default=25, show_default=True, help="Steps between teleports of the periodic variant (with --steps <= period it equals nullspace).")
 @click.option("--calibration-samples", type=int, default=256, show_default=True, help="Training samples drawn (seeded) as calibration set.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=D.objective, show_default=True, help="Teleport objective.")
-@click.option("--tau", type=float, default=D.tau, show_default=True)
+@click.option("--tau", type=float, default=D.tau, show_default=True, help="Input energy kept invariant per layer, for the teleported variants; 1 = exact null space.")
 @click.option("--teleport-steps", type=int, default=D.steps, show_default=True, help="Accepted steps of each teleport.")
 @click.option("--step-size", type=float, default=D.step_size, show_default=True, help="First step length of each teleport.")
 @click.option("--step-growth", type=float, default=D.step_growth, show_default=True, help="Step-length factor after a first-try acceptance (1 = fixed).")
-@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True, help="auto takes a GPU when present.")
 @click.option("--hvp", type=click.Choice(HVP_MODES), default=D.hvp, show_default=True,
               help="Hessian-vector products of the teleport (as in apply; docs/hvp.md).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for bench.json and the PNG curves.")
@@ -145,7 +145,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
         with progress_events(not quiet) as on_event:
             doc = run_bench(model, train, hold, config, settings, on_event)
     except TeleportError as e:
-        fail(e)
+        fail(e, as_json)
     doc["checkpoint"] = str(checkpoint)
     doc["weights"] = weights
     if out is not None:
@@ -157,7 +157,7 @@ def bench(checkpoint, train_path, holdout, optimizer, lr, k, seeds, batch_size, 
             body = json.dumps(doc, indent=1)
             write_file_atomic(out / RESULT_FILE, lambda tmp: tmp.write_text(body), force=force)
         except TeleportError as e:
-            fail(e)
+            fail(e, as_json)
     if not quiet:
         stderr_console().print(_table(doc))
     if as_json:

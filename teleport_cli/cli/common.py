@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -57,7 +58,8 @@ def _ascent_counts(info: dict) -> str:
 
 class PlainProgress:
     """Progress as plain stderr lines (stderr not a terminal: CI logs, nohup): one line when a
-    phase starts, and during the ascent one every ``PLAIN_INTERVAL`` seconds and one at its end.
+    phase starts and one when its last part is done (with its seconds), and during the ascent one
+    every ``PLAIN_INTERVAL`` seconds and one at its end.
 
     ``[teleport] ascent: step 12/30, 9 accepted, 3 rejected, grad-norm 1.23x, 41 s``
     """
@@ -67,6 +69,7 @@ class PlainProgress:
         self.stage: str | None = None
         self.last = self.t0 = 0.0
         self.ascent: tuple[int, dict] | None = None  # (total, info) of the last ascent event
+        self.finished: set[str] = set()  # the phases whose last part has been reported
         self.lock = threading.Lock()
 
     def beat(self) -> None:
@@ -94,6 +97,9 @@ class PlainProgress:
             self.t0 = self.last
             self._line(f"{stage}: {done}/{total}" if stage not in ("ascent", "batch-size") else
                        f"ascent: up to {total} accepted steps" if stage == "ascent" else "batch-size: measuring --batch-size auto")
+        if stage not in ("ascent", "batch-size") and 0 < total <= done and stage not in self.finished:
+            self.finished.add(stage)
+            self._line(f"{stage}: {done}/{total} done, {self.clock() - self.t0:.1f} s")
         if stage == "batch-size" and "batch_size" in info:
             self._line(f"batch-size: auto chose {info['batch_size']}")
         elif stage == "ascent" and "stop_reason" in info:
@@ -193,9 +199,13 @@ def batch_options(f):
                         help="Calibration samples per forward pass, or auto: the largest power of two <= 256 whose gradient and HVP fit --max-memory (measured). Changes only the order of float sums, never the result.")(f)
 
 
-def fail(err: TeleportError) -> None:
+def fail(err: TeleportError, as_json: bool = False) -> None:
     """Print the error's one line on stderr and exit with its code; after a Ctrl-C that a
-    library swallowed (the error is its consequence), ``interrupted`` and 130 instead."""
+    library swallowed (the error is its consequence), ``interrupted`` and 130 instead.
+
+    With ``as_json`` (``--json``, where no result document was printed) stdout also gets one JSON
+    document ``{"exit_code", "error", "hint"}`` (rank 0 alone under torchrun,
+    which replaces every failing exit code by its own 1)."""
     from . import interrupts
 
     if interrupts.seen():
@@ -204,6 +214,9 @@ def fail(err: TeleportError) -> None:
 
     where = f"rank {env_rank()}: " if env_world_size() > 1 else ""  # torchrun: each rank's own line says which
     stderr_console().print(Text.assemble((f"{where}error: ", "bold red"), err.one_line()), soft_wrap=True)
+    if as_json and (env_world_size() <= 1 or env_rank() == 0):
+        hint = " ".join(err.hint.split()) if err.hint else None
+        click.echo(json.dumps({"exit_code": err.exit_code, "error": " ".join(err.message.split()), "hint": hint}))
     sys.exit(err.exit_code)
 
 

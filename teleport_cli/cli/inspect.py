@@ -49,7 +49,7 @@ def inspect(checkpoint, data, tau, batch_size, device, layer_globs, exclude_glob
                                  layers=layer_globs, exclude=exclude_globs).to_dict()
         doc["weights"] = weights
     except TeleportError as e:
-        fail(e)
+        fail(e, as_json)
     if not quiet:
         err = stderr_console()
         err.print(_table(doc))

@@ -133,7 +133,7 @@ def report(a, b, data, holdout, lr, momentum, tolerance, holdout_tolerance, tau,
         if html_out is not None:
             audit.doc["html"] = str(write_html(html_out, render_html(audit), inputs, force=force))
     except TeleportError as e:
-        fail(e)
+        fail(e, as_json)
     doc = audit.doc
     if not quiet:
         render(doc)

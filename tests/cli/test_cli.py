@@ -177,6 +177,27 @@ def test_bad_input_is_one_line_exit_3_and_nothing_written(files, case, needle):
     assert not out.exists()
 
 
+def test_with_json_an_error_is_one_json_document_on_stdout_too(files):
+    """A pipeline that reads ``exit_code`` from the JSON (torchrun replaces the process's own)
+    gets one for every error of the library as well: the same code and line as stderr's."""
+    missing = files / "missing.safetensors"
+    apply_missing = ["apply", missing, "--data", files / "digits_calibration.safetensors", "-o", files / "o.safetensors"]
+    cases = [
+        (apply_missing + ["--json"], 3),
+        (_args(files, files / "digits_holdout.safetensors", "--json", "--force"), 6),  # the output is an input
+        (["inspect", files / "mlp_digits_mid.safetensors", "--data", missing, "--json"], 3),
+    ]
+    for args, code in cases:
+        r = run(*args)
+        assert r.exit_code == code, r.output
+        doc = json.loads(r.stdout)
+        line = r.stderr.strip()
+        assert line.startswith("error: ") and "\n" not in line
+        assert doc["exit_code"] == code and line == "error: " + doc["error"] + (f" ({doc['hint']})" if doc["hint"] else "")
+    r = run(*apply_missing)
+    assert r.exit_code == 3 and r.stdout == ""  # without --json stdout stays empty
+
+
 def test_output_folder_missing_exits_6(files):
     r = run(*_args(files, files / "no" / "such" / "out.safetensors"))
     assert r.exit_code == 6 and "does not exist" in r.stderr and "mkdir" in r.stderr

@@ -32,6 +32,10 @@ def test_plain_phase_lines_on_a_pipe_and_one_json_document_on_stdout(tmp_path):
     assert done == [f"[teleport] ascent: done ({doc['stop_reason']}), {doc['steps_accepted']} accepted, "
                     f"{doc['steps_rejected']} rejected, grad-norm {doc['grad_norm_ratio']:.3g}x, {doc['ascent_seconds']:.0f} s"]
     assert f"[teleport] batch-size: auto chose {doc['batch_size']}" in lines
+    for phase in ("capture", "bases", "verify"):  # each phase also says when its last part is done
+        start = next(l for l in lines if l.startswith(f"[teleport] {phase}: 0/"))
+        total = start.rsplit("/", 1)[1]
+        assert any(l.startswith(f"[teleport] {phase}: {total}/{total} done, ") and l.endswith(" s") for l in lines), (phase, lines)
     assert "[teleport]" not in p.stdout
 
 
