@@ -60,8 +60,10 @@ def _layer_table(layers: list[dict]) -> Table:
     t = Table(title="layers", title_justify="left")
     for col, just in [("layer", "left"), ("kind", "left"), ("d_in", "right"), ("rank", "right"), ("null dim", "right"), ("ΔW/W", "right"), ("not moved because", "left")]:
         t.add_column(col, justify=just)
+    previous = None
     for l in layers:
         note = "" if l["teleported"] else l["reason"]
+        note, previous = ("same as above" if note and note == previous else note), note  # a run of BatchNorms: one explanation
         t.add_row(l["name"], l["kind"], str(l["d_in"]), str(l["rank"]), str(l["null_dim"]), f"{l['rel_weight_change']:.3g}" if l["rel_weight_change"] is not None else "-", note)
     return t
 
