@@ -27,8 +27,11 @@ to 3 channels, bench/scale_cases.py); those run with ``--scale-flags`` (default
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/cost.py --models resnet18 --apply-repeats 1
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/cost.py --quick --no-write   # smoke run (seconds)
 
-Results are merged by model into ``--results`` (bench/cost_results.json), and the section of
-docs/cost.md between the markers is rendered from all of them; the rest of the page is kept.
+Results are merged by model into ``--results`` (bench/cost_results.json): a model not given in
+``--models`` keeps its recorded row (e.g. ``resnet50``'s, too slow to rerun with the samples), and
+with ``--before`` a rerun model's recorded row is kept as its "before", shown before -> after. The
+section of docs/cost.md between the markers is rendered from all of them; the rest of the page is kept.
+The arithmetic and the tables are in bench/cost_tables.py.
 It never runs in CI (tests/bench/test_cost.py checks the arithmetic and the rendering).
 """
 
@@ -45,6 +48,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_tables import (  # noqa: E402  (the arithmetic and tables, re-exported for tests/bench/test_cost.py)
+    BEGIN, END, PHASES, clean_command, floor_seconds, hvp_floor_seconds, passes_per_step, phase_split, ratios, render, render_growth, slope,
+    write_section,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 S = ROOT / "sample_checkpoints"
 SAMPLES = {
@@ -54,8 +63,6 @@ SAMPLES = {
     "char_lm_mid": (S / "char_lm_mid.safetensors", S / "shakespeare_calibration.safetensors", S / "shakespeare_holdout.safetensors"),
 }
 SCALE = ("resnet18", "resnet50", "vit_small_patch16_224", "vit_base_patch16_224", "convnext_tiny")
-PHASES = ("batch-size", "capture", "bases", "lookahead-lr", "ascent", "verify")
-BEGIN, END = "<!-- bench/cost.py: begin generated section -->", "<!-- bench/cost.py: end generated section -->"
 BATCH = 256
 
 
@@ -148,38 +155,6 @@ def floor_pieces(model, x, y, repeats: int) -> dict:
         pieces["hvp_exact"] = {"error": str(e).splitlines()[0][:80]}
     return pieces
 
-
-# ---- the arithmetic -------------------------------------------------------------------------
-
-def passes_per_step(objective: str, lookahead_steps: int = 1) -> int:
-    """Gradient passes per accepted step of the floor: 2 for grad-norm, 2k + 1 for the look-ahead."""
-    return 2 * lookahead_steps + 1 if objective == "lookahead" else 2
-
-
-def floor_seconds(pieces: dict, accepted: int, objective: str, lookahead_steps: int = 1) -> float:
-    """``forward + accepted * passes_per_step * gradient`` (medians, CPU seconds)."""
-    return pieces["forward"]["median"] + accepted * passes_per_step(objective, lookahead_steps) * pieces["gradient"]["median"]
-
-
-def phase_split(events: list[tuple[str, float, float]], end: tuple[float, float]) -> dict:
-    """Seconds per phase from ``(stage, cpu, wall)`` readings at each stage's first event, up to
-    the next stage's first event (the last phase up to ``end``, also ``(cpu, wall)``)."""
-    firsts: dict[str, tuple[float, float]] = {}
-    for stage, c, w in events:
-        firsts.setdefault(stage, (c, w))
-    order = sorted(firsts.items(), key=lambda kv: kv[1][1])
-    out = {}
-    for (stage, (c, w)), nxt in zip(order, [o[1] for o in order[1:]] + [end]):
-        out[stage] = {"cpu": nxt[0] - c, "wall": nxt[1] - w}
-    return out
-
-
-def slope(xs, ys) -> float:
-    """Least-squares slope of log(y) on log(x) (the exponent of a power law)."""
-    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    den = sum((a - mx) ** 2 for a in lx)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den > 0 else float("nan")
 
 
 # ---- apply ----------------------------------------------------------------------------------
@@ -325,114 +300,6 @@ def growth(args, folder: Path) -> dict:
     return out
 
 
-# ---- rendering ------------------------------------------------------------------------------
-
-def _s(v: dict | None) -> str:
-    if not v or "median" not in v:
-        return "n/a" if not v or "error" not in v else "no double backward"
-    return f"{v['median']:.3g} [{v['min']:.3g}-{v['max']:.3g}]"
-
-
-def _med(values) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    m = statistics.median(values)
-    return f"{m:.3g}" if len(values) == 1 else f"{m:.3g} [{min(values):.3g}-{max(values):.3g}]"
-
-
-def ratios(row: dict) -> list[float | None]:
-    """Each run's ``apply`` CPU seconds over its floor (None when nothing was accepted)."""
-    out = []
-    for r in row["runs"]:
-        if "objective" not in r:
-            out.append(None)
-            continue
-        f = floor_seconds(row["pieces"], r["accepted"], r["objective"], row.get("lookahead_steps", 1))
-        out.append(r["cpu"] / f if f > 0 else None)
-    return out
-
-
-def render(results: dict, command: str, machine: str) -> str:
-    """The generated section of docs/cost.md, from the merged results (model -> row)."""
-    lines = [BEGIN, "", "## Measured by bench/cost.py (generated)", "",
-             f"Commands: `{command}`. Machine: {machine}. CPU seconds are `time.process_time()` of the one",
-             "process (for `apply`, plus its memory probe's forked child), median [min-max] over the runs given; the machine was shared, so wall seconds are longer",
-             "than CPU seconds. The floor is `forward + accepted * passes * gradient` with the pieces below (2 passes",
-             "per step for grad-norm, 2k + 1 = 3 for the look-ahead at k = 1).", "",
-             "### The floor's pieces (one pass over the calibration set, batch 256, plain float32 autograd loops)", "",
-             "| model | N | parameters | forward | gradient | HVP, forward difference | HVP, double backward |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in results.items():
-        p = row["pieces"]
-        lines.append(f"| `{name}` | {row['samples']} | {row['params'] / 1e6:.3g}M | {_s(p['forward'])} | {_s(p['gradient'])} | "
-                     f"{_s(p['hvp_fd'])} | {_s(p['hvp_exact'])} |")
-    batches = sorted({row.get("floor_batch", BATCH) for row in results.values()})
-    if batches != [256]:
-        lines += ["", "Floor batch: " + ", ".join(f"`{n}` {row.get('floor_batch', BATCH)}" for n, row in results.items()) + "."]
-    lines += ["", "### `apply` at defaults against the floor (without process start-up)", "",
-              "| model | flags | runs | exit / verified | objective, HVP | accepted / rejected | stop | batch | CPU s | wall s | "
-              "peak RSS GB | floor CPU s | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in results.items():
-        runs = row["runs"]
-        r0 = runs[0]
-        floors = [floor_seconds(row["pieces"], r["accepted"], r["objective"], row.get("lookahead_steps", 1)) for r in runs if "objective" in r]
-        lines.append(
-            f"| `{name}` | {row.get('flags') or 'defaults'} | {len(runs)} | {'/'.join(str(r['exit']) for r in runs)} / "
-            f"{'/'.join('yes' if r.get('verified') else 'no' for r in runs)} | {r0.get('objective', '?')}, {r0.get('hvp') or '-'} | "
-            f"{'/'.join(str(r.get('accepted', 0)) for r in runs)} / {'/'.join(str(r.get('rejected', 0)) for r in runs)} | "
-            f"{r0.get('stop', '-')} | {r0.get('batch_size', '-')} | {_med([r['cpu'] for r in runs])} | {_med([r['wall'] for r in runs])} | "
-            f"{_med([r['peak_rss'] / 1e9 for r in runs])} | {_med(floors)} | {_med(ratios(row))} |")
-    lines += ["", "### `apply`'s phases (CPU seconds, median over the runs; `load` is reading the files)", "",
-              "| model | " + " | ".join(("load",) + PHASES) + " |", "| --- |" + " --- |" * (len(PHASES) + 1)]
-    for name, row in results.items():
-        cells = [_med([r["phases"].get(ph, {}).get("cpu") for r in row["runs"]]) for ph in ("load",) + PHASES]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    lines += ["", END]
-    return "\n".join(lines)
-
-
-def render_growth(g: dict) -> list[str]:
-    if not g:
-        return []
-    lines = ["", f"### Growth (`--growth`, on `{g['model']}` for N and random 784-d-d-10 MLPs for d_in)", "",
-             "| axis | value | gradient CPU s | apply CPU s | bases CPU s | ascent CPU s | accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for axis in ("n", "d_in"):
-        for e in g[axis]:
-            r = e["run"]
-            lines.append(f"| {axis} | {e[axis]} | {e['pieces']['gradient']['median']:.3g} | {r['cpu']:.3g} | "
-                         f"{r['phases'].get('bases', {}).get('cpu', 0):.3g} | {r['phases'].get('ascent', {}).get('cpu', 0):.3g} | {r.get('accepted', 0)} |")
-        xs = [e[axis] for e in g[axis]]
-        for what, ys in (("gradient", [e["pieces"]["gradient"]["median"] for e in g[axis]]), ("apply", [e["run"]["cpu"] for e in g[axis]]),
-                         ("bases", [max(e["run"]["phases"].get("bases", {}).get("cpu", 0), 1e-9) for e in g[axis]])):
-            lines.append(f"| {axis} | slope of log {what} on log {axis} | {slope(xs, ys):.2f} | | | | |")
-    return lines
-
-
-def clean_command(command: str) -> str:
-    """The command without the file options (``--results``, ``--doc``, ``--merge`` and their values)."""
-    words, out, skip = command.split(), [], False
-    for w in words:
-        if w in ("--results", "--doc", "--merge"):
-            skip = True
-        elif skip and not w.startswith("--"):
-            continue
-        else:
-            skip = False
-            out.append(w)
-    return " ".join(out)
-
-
-def write_section(doc: Path, section: str) -> None:
-    """Replace the text between the markers in ``doc`` (or append it), keeping the rest."""
-    text = doc.read_text() if doc.exists() else "# What a teleport costs\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
 
 def machine() -> str:
     import torch
@@ -456,6 +323,7 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "cost_results.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "cost.md")
     ap.add_argument("--no-write", action="store_true", help="print the section, write neither results nor docs")
+    ap.add_argument("--before", action="store_true", help="keep each rerun model's recorded row as its 'before' (shown before -> after)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="results files of other runs to merge in first")
     args = ap.parse_args(argv)
     if args.quick:
@@ -474,6 +342,8 @@ def main(argv=None) -> None:
         for name in [m for m in args.models.split(",") if m]:
             if name not in SAMPLES and name not in SCALE:
                 sys.exit(f"unknown model {name!r}")
+            if args.before and name in results:
+                results.setdefault("_before", {})[name] = results[name]
             results[name] = measure(name, args, Path(tmp))
             print(json.dumps({k: results[name][k] for k in ("model", "pieces", "runs")}), flush=True)
         if args.growth:
@@ -482,7 +352,7 @@ def main(argv=None) -> None:
     if args.models or args.growth:  # a run, not only a merge and render
         results["_commands"] = [c for c in results.get("_commands", []) if c != command] + [command]
     models = {k: v for k, v in results.items() if not k.startswith("_")}
-    section = render(models, "`; `".join(clean_command(c) for c in results.get("_commands", [])), machine())
+    section = render(models, "`; `".join(clean_command(c) for c in results.get("_commands", [])), machine(), results.get("_before"))
     section = section.replace("\n" + END, "\n".join(render_growth(results.get("_growth"))) + "\n\n" + END)
     if args.no_write:
         print(section)

@@ -47,7 +47,10 @@ class TeleportConfig:
         target_ratio: stop once ``||g|| / ||g0||`` reaches this ratio (``None``: never).
         tangent: remove from each step its component along the projected loss gradient, so
             that with approximate null spaces (tau < 1) the step is tangent to the level set.
-        max_backtracks: how many times a rejected step is halved before the loop stops.
+        max_backtracks: how many times a rejected step is halved before the loop stops (it
+            stops earlier after two halvings in a row, shorter than every accepted step, that
+            pass the drift gates but do not improve the objective: ``FLAT_REJECTIONS`` in
+            :mod:`teleport_cli.nullspace.ascent`).
         batch_size: calibration samples per forward pass (memory, not the result: the
             objective is always over the whole calibration set), or ``"auto"``: the largest
             power of two <= 256 whose gradient and Hessian-vector product fit ``max_memory``

@@ -37,8 +37,8 @@ from .models.loading import load_weights
 from .nullspace.ascent import ascend, relative_changes
 from .nullspace.bases import LayerBasis, layer_basis
 from .nullspace.capture import capture_grams
-from .nullspace.derivatives import whole_set
-from .nullspace.hvp import HessianVectorProduct
+from .nullspace.derivatives import count_samples, full_gradient, whole_set
+from .nullspace.hvp import HessianVectorProduct, full_precision_matmul
 from .nullspace.losses import loss_for
 from .nullspace.objectives import make_objective
 from .nullspace.selection import find_layers
@@ -200,13 +200,16 @@ def teleport(
                 move = levelset_teleport
             stats = move(moved, cal_batches, config, loss_fn, noise_floor=floor, on_step=stepped)
         else:
-            lanczos = None
+            lanczos, start_state = None, None
             if config.objective == "lookahead" and lookahead_lr is None:
                 from .audit.geometry import top_eigenvalue
 
                 event("lookahead-lr", 0, 1, {})
                 lanczos = HessianVectorProduct(config.hvp)
-                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed, hvp=lanczos)), 1e-12)
+                with full_precision_matmul():  # one gradient for the Lanczos's differences and the ascent's start
+                    start_state = full_gradient(model, fit_batches, loss_fn, [p for p in model.parameters() if p.requires_grad], count_samples(fit_batches))
+                lookahead_lr = 1.0 / max(abs(top_eigenvalue(model, fit_batches, loss_fn, seed=config.seed, hvp=lanczos,
+                                                            grads=start_state.grads)), 1e-12)
                 event("lookahead-lr", 1, 1, {})
             ascent_start[0] = time.perf_counter()
             event("ascent", 0, config.steps, {"accepted": 0, "rejected": 0, "grad_norm_ratio": 1.0, "seconds": 0.0})
@@ -215,7 +218,7 @@ def teleport(
             stats = ascend(moved, fit_batches, moved_layers, bases, config, loss_fn, noise_floor=floor, objective=objective,
                            on_step=stepped, guard=guard, guard_tolerance=config.tolerance,
                            guard_trust=config.holdout_tolerance, round_to=storage_dtypes, states=fit_states,
-                           clock_start=started)
+                           clock_start=started, start_state=start_state)
             if stats.hvp is not None and lanczos is not None:  # how the look-ahead's 1/lambda_max was taken
                 stats = dataclasses.replace(stats, hvp={**stats.hvp, "lanczos": lanczos.to_dict()})
         if guard is not None and "before" in fit_states:  # loss and gradient norm over the whole calibration set

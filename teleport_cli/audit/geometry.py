@@ -272,13 +272,15 @@ def measure(
 
 
 def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, iterations: int = 20, seed: int = 0,
-                   hvp: HessianVectorProduct | None = None, rtol: float = LR_RTOL) -> float:
+                   hvp: HessianVectorProduct | None = None, rtol: float = LR_RTOL, grads: Vec | None = None) -> float:
     """Largest Hessian eigenvalue of the loss over all ``batches`` (Lanczos on HVPs, all trainable parameters).
 
     To ``rtol`` relative (default :data:`LR_RTOL` = 1e-2: the precision a learning rate such as
     the look-ahead's ``1 / lambda_max`` or the SGD edge ``2 (1 + momentum) / lr`` needs).
     ``hvp``: how the products are taken (:class:`~teleport_cli.nullspace.hvp.HessianVectorProduct`;
     a forward difference reuses one gradient at the model's point); default: double backward.
+    ``grads``: that gradient (one tensor per trainable parameter, over the same ``batches``, in full
+    fp32), when the caller has it already; None: computed here.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     n = count_samples(batches)
@@ -288,8 +290,9 @@ def top_eigenvalue(model: nn.Module, batches: Batches, loss_fn: Callable, *, ite
         top, _, _ = lanczos_top(lambda v: hessian_vector_product(model, batches, loss_fn, params, v, params, n), start,
                                 iterations=iterations, rtol=rtol)
         return top
-    with full_precision_matmul():
-        grads = full_gradient(model, batches, loss_fn, params, n).grads
+    if grads is None:
+        with full_precision_matmul():
+            grads = full_gradient(model, batches, loss_fn, params, n).grads
     top, _, _ = lanczos_top(lambda v: hvp(model, batches, loss_fn, params, v, params, n, grads=grads), start,
                             iterations=iterations, rtol=rtol)
     return top

@@ -47,6 +47,7 @@ def backtrack(
     eta: float,
     max_backtracks: int,
     on_reject: Callable[[], None],
+    give_up: Callable[[], bool] | None = None,
 ) -> tuple[C | None, float, int]:
     """Try ``propose(eta)`` with halving ``eta`` until ``accept`` holds.
 
@@ -58,6 +59,8 @@ def backtrack(
         eta: the first step length tried.
         max_backtracks: halvings allowed after the first try.
         on_reject: called once per rejected candidate.
+        give_up: asked after each rejection (after ``on_reject``); True ends the search there, as
+            if the halvings had run out (None: never).
 
     Returns:
         (candidate or None, the step length of the last try, number of rejections). On None
@@ -74,7 +77,7 @@ def backtrack(
         with torch.no_grad():
             for t, c in zip(tensors, current):
                 t.copy_(c)
-        if backtracks > max_backtracks:
+        if backtracks > max_backtracks or (give_up is not None and give_up()):
             return None, eta, backtracks
         eta *= 0.5
 

@@ -78,3 +78,31 @@ def test_section_replaces_only_its_markers(cost, tmp_path):
 def test_recorded_command_drops_the_file_options(cost):
     c = "python bench/cost.py --models a,b --results r.json --doc d.md --merge x.json y.json --quick"
     assert cost.clean_command(c) == "python bench/cost.py --models a,b --quick"
+
+
+def test_floor_at_the_hvp_the_run_took(cost):
+    """Where --hvp auto chose double backward, each step's k products cost the measured
+    double-backward pass instead of one gradient: forward + accepted * ((passes - k) * g + k * hvp)."""
+    assert cost.hvp_floor_seconds(PIECES, 5, "lookahead", "exact") == 0.5 + 5 * (2 * 2.0 + 7.0)
+    assert cost.hvp_floor_seconds(PIECES, 5, "lookahead", "exact", 3) == 0.5 + 5 * (4 * 2.0 + 3 * 7.0)
+    assert cost.hvp_floor_seconds(PIECES, 4, "grad-norm", "exact") == 0.5 + 4 * (2.0 + 7.0)
+    assert cost.hvp_floor_seconds(PIECES, 5, "lookahead", "forward") == cost.floor_seconds(PIECES, 5, "lookahead")
+    no_double = {**PIECES, "hvp_exact": {"error": "no double backward"}}
+    assert cost.hvp_floor_seconds(no_double, 5, "lookahead", "exact") == cost.floor_seconds(PIECES, 5, "lookahead")
+
+
+def test_before_after_table_shows_both_rows(cost):
+    def row(cpu, accepted, rejected, probe):
+        run = {"exit": 0, "verified": True, "cpu": cpu, "wall": cpu, "peak_rss": 1e9, "accepted": accepted, "rejected": rejected,
+               "objective": "lookahead", "hvp": "exact", "stop": "backtracking", "batch_size": 256, "grad_norm_ratio": 1.25,
+               "phases": {"batch-size": {"cpu": probe, "wall": probe}, "ascent": {"cpu": cpu / 2, "wall": cpu / 2}}}
+        return {"samples": 256, "params": 1e5, "pieces": PIECES, "lookahead_steps": 1, "flags": "", "runs": [run]}
+
+    section = cost.render({"m": row(30.5, 5, 2, 0.25), "n": row(10.0, 1, 0, 0.1)}, "cmd", "machine", {"m": row(61.0, 5, 9, 1.0)})
+    lines = [l for l in section.splitlines() if l.startswith("| `m` |")]
+    assert len(lines) == 4  # the apply table, the phases, the pieces and the before -> after row
+    before_after = lines[-1]
+    assert "5 / 9 → 5 / 2" in before_after and "1.2500 → 1.2500" in before_after and "61 → 30.5" in before_after
+    assert "2 → 1 |" in before_after  # the ratio to the floor 30.5: 61 / 30.5 -> 30.5 / 30.5
+    assert f"{61.0 / 55.5:.3g} → {30.5 / 55.5:.3g}" in before_after and "1 → 0.25" in before_after
+    assert not any(l.startswith("| `n` |") and "→" in l for l in section.splitlines())

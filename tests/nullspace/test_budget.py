@@ -285,3 +285,29 @@ def test_parameter_copies_bound_the_ascent_measured_peak(objective, hvp):
     r = json.loads(p.stdout)
     assert r["accepted"] == 3
     assert PARAMETER_COPIES / 2 < r["copies"] <= PARAMETER_COPIES, r
+
+
+def test_the_choice_runs_no_garbage_collection_and_restores_the_collector():
+    """The probes run with the cyclic collector off and collect nothing themselves (a gc.collect()
+    per probe cost 0.06-0.2 s with torch loaded, more than the probes' passes); the collector's
+    state is restored, and the probes still measure a growth (per-sample bytes > 0)."""
+    import gc
+
+    from teleport_cli.data.tensors import TensorData
+    from teleport_cli.nullspace.losses import LOSS_FUNCTIONS
+    from teleport_cli.nullspace.memory import choose_batch_size
+
+    model = _conv_model()
+    data = TensorData(torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)), "random")
+    collections = []
+    callback = lambda phase, info: collections.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    for enabled in (True, False):
+        gc.enable() if enabled else gc.disable()
+        gc.callbacks.append(callback)
+        try:
+            choice = choose_batch_size(model, data, LOSS_FUNCTIONS["ce"], torch.device("cpu"), max_memory=2**40)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.callbacks.remove(callback)
+            gc.enable()
+        assert collections == [] and choice.batch_size == 64 and len(choice.probes) == 2 and choice.per_sample > 0
