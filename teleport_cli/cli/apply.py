@@ -63,6 +63,8 @@ def _layer_table(layers: list[dict]) -> Table:
     previous = None
     for l in layers:
         note = "" if l["teleported"] else l["reason"]
+        if l["teleported"] and l["rel_weight_change"] == 0.0:  # design notes, Sec. 3
+            note = "did not move: its null directions are exactly null on the calibration set, and no objective there changes along them"
         note, previous = ("same as above" if note and note == previous else note), note  # a run of BatchNorms: one explanation
         t.add_row(l["name"], l["kind"], str(l["d_in"]), str(l["rank"]), str(l["null_dim"]), f"{l['rel_weight_change']:.3g}" if l["rel_weight_change"] is not None else "-", note)
     return t

@@ -327,19 +327,21 @@ def test_default_apply_figures_match_a_float64_recomputation(files):
             assert doc[key] == pytest.approx(F.cross_entropy(model(xf), yf).item(), rel=1e-5), key
 
 
-def test_layer_table_names_a_repeated_reason_once():
+def test_layer_table_names_a_repeated_reason_once_and_a_layer_that_stayed_still():
     from rich.console import Console
 
     from teleport_cli.cli.apply import _layer_table
 
     why = "normalisation layer (BatchNorm2d): a per-channel scale and shift, not a linear map of its input"
     row = {"kind": "norm", "d_in": 8, "rank": 0, "null_dim": 0, "rel_weight_change": 0.0, "teleported": False, "reason": why}
-    layers = [{**row, "name": "bn1"}, {**row, "name": "bn2"}, {**row, "name": "fc", "kind": "linear", "teleported": True, "reason": ""},
-              {**row, "name": "bn3"}]
+    layers = [{**row, "name": "bn1"}, {**row, "name": "bn2"}, {**row, "name": "fc", "kind": "linear", "teleported": True, "reason": "",
+                                                                "rel_weight_change": 0.01},
+              {**row, "name": "bn3"}, {**row, "name": "stem", "teleported": True, "reason": "", "rel_weight_change": 0.0}]
     console = Console(record=True, width=400)
     console.print(_layer_table(layers))
     text = console.export_text()
     lines = [line.replace("│", " ").replace("┃", " ") for line in text.splitlines()]
-    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("bn1", "bn2", "fc", "bn3")}
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("bn1", "bn2", "fc", "bn3", "stem")}
     assert why in rows["bn1"] and "same as above" in rows["bn2"] and why not in rows["bn2"]
     assert "same as above" not in rows["fc"] and why in rows["bn3"]  # after another row the reason is spelled out again
+    assert "did not move" in rows["stem"] and "did not move" not in rows["fc"]  # teleported, yet exactly still
