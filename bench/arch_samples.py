@@ -47,7 +47,7 @@ def run(name: str, cal: Path, hold: Path, out_dir: Path, seed: int = 0, extra: t
         row.update({
             "verified": doc["verified"], "grad_norm_before": doc["grad_norm_before"], "grad_norm_after": doc["grad_norm_after"],
             "grad_norm_ratio": doc["grad_norm_ratio"], "steps_accepted": doc["steps_accepted"], "steps_rejected": doc["steps_rejected"],
-            "stop_reason": doc["stop_reason"], "seconds": doc["seconds"], "step_backs": doc.get("step_backs"),
+            "stop_reason": doc["stop_reason"], "seconds": doc["seconds"], "step_backs": doc.get("step_backs"), "rejections": doc.get("rejections"),
             "layers_teleported": sum(l["teleported"] for l in doc["layers"]), "layers": len(doc["layers"]),
         })
         for key in ("calibration", "holdout"):

@@ -101,7 +101,7 @@ def run(seed: int, folder: Path, extra: tuple[str, ...] = ()) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     doc = json.loads(p.stdout) if p.stdout.strip() else {}
     row = {"seed": seed, "exit_code": p.returncode, "stderr": p.stderr.strip()[-300:]}
-    for k in ("verified", "grad_norm_ratio", "steps_accepted", "steps_rejected", "stop_reason", "seconds", "step_backs", "guard_samples"):
+    for k in ("verified", "grad_norm_ratio", "steps_accepted", "steps_rejected", "stop_reason", "seconds", "step_backs", "rejections", "guard_samples"):
         row[k] = doc.get(k)
     for k in ("calibration", "holdout"):
         if k in doc:

@@ -46,6 +46,19 @@ RECORDED = {"fmnist_test_resnet_mid": 1.11, "fmnist_test_resnet_converged": 1.06
 RECORDED_MEDIAN = {"fmnist_mlp": 1.07}
 RECORDED_STEPS = {"mlp_digits_mid": 0.61}
 BENCH = {f"bench_{n}": n for n in ("mlp_digits_mid", "mlp_digits_converged")}
+# the same cells with the guard's bound at z = 2 (the default before --guard-z 1.5), on the code of
+# commit ea55748 with TeleportConfig.guard_z = 2.0: exits and grad-norm ratios per seed; the
+# bench cells' steps_to_target_ratio (mean, per seed)
+Z2: dict[str, tuple[list[int], list[float]]] = {
+    "mlp_digits_mid": ([0, 0, 0], [1.4613, 1.848, 2.3853]), "mlp_digits_converged": ([0, 0, 0], [1.0198, 1.0175, 1.0639]),
+    "fmnist_test_resnet_mid": ([0, 0, 0], [1.1103, 1.0383, 1.0384]), "fmnist_test_resnet_converged": ([0, 0, 0], [1.0554, 1.0421, 1.0211]),
+    "fmnist_test_convnext_mid": ([0, 0, 0], [1.8541, 2.1155, 2.1768]), "fmnist_test_convnext_converged": ([0, 0, 0], [1.1124, 1.0628, 1.0269]),
+    "fmnist_test_vit_mid": ([0, 0, 0], [1.2602, 1.5119, 1.0601]), "fmnist_test_vit_converged": ([0, 0, 0], [1.0483, 1.1538, 1.0473]),
+    "char_lm_mid": ([0, 0, 0], [1.3601, 1.4646, 1.4021]), "char_lm_converged": ([0, 0, 0], [1.244, 1.17, 1.2048]),
+    "fmnist_mlp": ([0, 0, 0, 0, 0], [1.0479, 1.0452, 1.1432, 1.1059, 1.088]),
+}
+Z2_STEPS: dict[str, tuple[float, list[float]]] = {"mlp_digits_mid": (0.715, [0.73, 0.71, 0.705]),
+                                                  "mlp_digits_converged": (0.1517, [0.255, 0.1, 0.1])}
 
 
 CODE = ROOT  # the tree whose teleport_cli the cells run (--code)
@@ -136,6 +149,21 @@ def _before(before: dict[str, dict], name: str, seeds) -> str:
     return f"exits {', '.join(str(r['exit_code']) for r in ran)}; {', '.join(_f(x) for x in ratios)}; median {med}"
 
 
+def _z2(name: str) -> str:
+    if name not in Z2:
+        return "-"
+    exits, ratios = Z2[name]
+    return f"exits {', '.join(map(str, exits))}; {', '.join(_f(x) for x in ratios)}; median {_f(statistics.median(ratios))}"
+
+
+def _rejections(ran: list[dict]) -> str:
+    total: dict[str, int] = {}
+    for r in ran:
+        for k, v in (r.get("rejections") or {}).items():
+            total[k] = total.get(k, 0) + v
+    return " / ".join(str(total.get(k, 0)) for k in ("trust", "guard", "calibration", "objective")) if any(r.get("rejections") is not None for r in ran) else "-"
+
+
 def write_doc(done: dict[str, dict], before: dict[str, dict] | None = None) -> None:
     before = before or {}
     rows, exits = [], {}
@@ -155,8 +183,9 @@ def write_doc(done: dict[str, dict], before: dict[str, dict] | None = None) -> N
             f"| {name} | {len(ran)}/{len(seeds)} | {', '.join(str(r['exit_code']) for r in ran) or '-'} | "
             f"{', '.join(_f(x) for x in ratios) or '-'} | {_f(statistics.median(ratios)) if ratios else '-'} | "
             f"{_f(RECORDED.get(name)) if name in RECORDED else (_f(RECORDED_MEDIAN[name]) + ' (median)' if name in RECORDED_MEDIAN else '-')} | {_f(max(held), 2) if held else '-'} | {', '.join('-' if b is None else str(b) for b in backs) or '-'} | "
+            f"{_rejections(ran)} | "
             f"{_f(min(cpu), 2) if cpu else '-'} / {_f(statistics.median(cpu), 2) if cpu else '-'} / {_f(max(cpu), 2) if cpu else '-'} | "
-            f"{_before(before, name, seeds)} |")
+            f"{_z2(name)} | {_before(before, name, seeds)} |")
     total = sum(exits.values())
     exits_before = {}
     for key, r in before.items():
@@ -166,14 +195,15 @@ def write_doc(done: dict[str, dict], before: dict[str, dict] | None = None) -> N
     for key, name in BENCH.items():
         r = done.get(key)
         if r is None:
-            bench_rows.append(f"| {name} | not run | - | {_f(RECORDED_STEPS.get(name), 2)} | - | - | - |")
+            bench_rows.append(f"| {name} | not run | - | {_f(RECORDED_STEPS.get(name), 2)} | - | - | - | - |")
             continue
         per = r.get("steps_to_target_ratio_per_seed") or []
         own = r.get("original_self_ratio_per_seed") or []
         b = before.get(key)
         was = "-" if b is None else f"{_f(b.get('steps_to_target_ratio'), 2)} ({', '.join(_f(x, 2) for x in b.get('steps_to_target_ratio_per_seed') or [])})"
+        z2 = "-" if name not in Z2_STEPS else f"{_f(Z2_STEPS[name][0], 2)} ({', '.join(_f(x, 2) for x in Z2_STEPS[name][1])})"
         bench_rows.append(f"| {name} | {r['exit_code']} | {_f(r.get('steps_to_target_ratio'), 2)} ({', '.join(_f(x, 2) for x in per)}) | {_f(RECORDED_STEPS.get(name), 2)} | "
-                          f"{was} | {', '.join(_f(x, 2) for x in own) or '-'} | {_f(r.get('grad_norm_ratio'))} |")
+                          f"{z2} | {was} | {', '.join(_f(x, 2) for x in own) or '-'} | {_f(r.get('grad_norm_ratio'))} |")
     commits = sorted({r.get("commit", "?") for r in done.values()})
     text = f"""# Reliability grid: defaults on every sample and seed
 
@@ -188,14 +218,19 @@ per seed by `bench/fmnist_mlp.py`.
 Before the guard ran at every tau with its confidence bound (the tree of commit 8f7bc1d, same
 cells, `bench/grid.py --before TREE`): {', '.join(f'{n} exit {c}' for c, n in sorted(exits_before.items())) or 'not run'} over {sum(exits_before.values())} runs.
 
-| checkpoint | runs | exits | grad-norm ratio per seed | median | recorded before | max held-out drift | step-backs per seed | CPU s min / median / max | before the guard's bound: exits; ratios; median |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| checkpoint | runs | exits | grad-norm ratio per seed | median | recorded before | max held-out drift | step-backs per seed | rejected by trust / guard / calibration / objective | CPU s min / median / max | the z = 2 bound: exits; ratios; median | before the guard's bound: exits; ratios; median |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 "Recorded before" is the seed-0 figure docs/samples.md gave at the same defaults before this grid
 (for the Fashion-MNIST MLP the median over seeds 0-4 in docs/guard.md). The
 held-out gate is 2e-2 relative drift (`--holdout-tolerance`); exit 4 would mean a run failed it.
 The last column counts the ratios of runs that exited 4 too (nothing was written for them).
+The guard's confidence bound runs at z = 1.5 (`--guard-z`, docs/guard.md); the column "the z = 2
+bound" is the same cells with the bound at z = 2, the default before (code of commit ea55748
+with `TeleportConfig.guard_z = 2.0`, run just before this grid). "Rejected by" sums over the
+seeds the rejected candidates by the rule that rejected them (the JSON's `rejections`): the
+guard's bound, the guard's drift gate, the calibration drift, or no gain in the objective.
 CPU seconds are those of the `teleport` process (user + system).
 
 ## steps_to_target_ratio
@@ -204,10 +239,10 @@ CPU seconds are those of the `teleport` process (user + system).
 --seeds 3 --variants original,nullspace` (the digits MLP is the one sample shipped with a training
 set): steps until training from the teleported point reaches the original run's final loss,
 over K (< 1 is faster); the original's own curve touches its final loss at the ratio in the
-sixth column.
+seventh column.
 
-| checkpoint | exit | nullspace (per seed) | recorded before (docs/benchmarks.md, MLP sgd) | before the guard's bound (per seed) | original itself per seed | grad-norm ratio |
-| --- | --- | --- | --- | --- | --- | --- |
+| checkpoint | exit | nullspace (per seed) | recorded before (docs/benchmarks.md, MLP sgd) | the z = 2 bound (per seed) | before the guard's bound (per seed) | original itself per seed | grad-norm ratio |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(bench_rows)}
 """
     DOC.write_text(text)

@@ -8,7 +8,9 @@ Cases:
 * ``mlp``: Zhao et al.'s Fashion-MNIST MLP 784-16-10-10, 200 calibration samples, seeds 0-4
   (bench/fmnist_mlp.py), defaults (tau 0.99);
 * ``test_convnext2``, ``convnext_zepto_rms``: random-init timm models (1 x 32 x 32 inputs), 24
-  calibration samples of sample_checkpoints/fmnist_calibration, the shipped held-out set, tau 1.
+  calibration samples of sample_checkpoints/fmnist_calibration, the shipped held-out set, tau 1;
+* ``digits``: the shipped mlp_digits_mid with its calibration and held-out files, seeds 0-2,
+  defaults (the sample whose gain the z = 2 bound cut most, docs/grid.md).
 
 Rules (docs/guard.md):
 * ``off``: no guard (today at tau 1);
@@ -18,11 +20,20 @@ Rules (docs/guard.md):
 * ``bound``: the gate, and reject every step whose guard confidence bound exceeds the held-out
   tolerance (the default);
 * ``step_back``: the gate, then back along the accepted path to the furthest point whose
-  guard confidence bound is within the held-out tolerance.
+  guard confidence bound is within the held-out tolerance;
+* ``z1.5``, ``z1``: the bound with z = 1.5 or 1 instead of 2 (``--guard-z``);
+* ``bound30``: the bound with a guard of 30% (``--guard-fraction 0.3``);
+* ``tangent_mean``: the bound, with steps also tangent to the guard's mean loss
+  (``--guard-tangent mean``);
+* ``tangent_bound``: the bound, with steps also tangent to the guard's mean loss and to the
+  variance of its per-sample changes (``--guard-tangent bound``).
+
+Every rule starts from the same guard settings (20%, z = 2, no guard tangent), whatever the
+defaults are, and changes only what it names.
 
 From the repository root (one torch thread)::
 
-    .venv/bin/python bench/guard_margin.py [--cases mlp,test_convnext2,convnext_zepto_rms] [--rules ...]
+    .venv/bin/python bench/guard_margin.py [--cases mlp,test_convnext2,convnext_zepto_rms,digits] [--rules ...]
 
 Writes bench/results/guard_margin.json.
 """
@@ -56,7 +67,13 @@ RULES = {
     "large": ({"guard_fraction": 0.4}, {"guard_trust": None}),
     "bound": ({}, {}),
     "step_back": ({}, {"guard_rule": "step_back"}),
+    "z1.5": ({"guard_z": 1.5}, {}),
+    "z1": ({"guard_z": 1.0}, {}),
+    "bound30": ({"guard_fraction": 0.3}, {}),
+    "tangent_mean": ({"guard_tangent": "mean"}, {}),
+    "tangent_bound": ({"guard_tangent": "bound"}, {}),
 }
+BASE = {"guard_fraction": 0.2, "guard_z": 2.0, "guard_tangent": "off"}  # what each rule changes from
 ORIGINAL_ASCEND = pipeline.ascend
 
 
@@ -85,7 +102,7 @@ def one(rule: str, ckpt: Path, cal: Path, hold: Path, out: Path, config: Telepor
     pipeline.ascend = ascend
     t0 = time.process_time()
     try:
-        doc, code = pipeline.apply(ckpt, cal, out, config.replace(**cfg_changes), holdout=hold, force=True, samples=samples).to_dict(), 0
+        doc, code = pipeline.apply(ckpt, cal, out, config.replace(**{**BASE, **cfg_changes}), holdout=hold, force=True, samples=samples).to_dict(), 0
     except VerificationFailed as e:
         doc, code = e.result.to_dict(), 4
     except NoStepAccepted as e:
@@ -93,13 +110,13 @@ def one(rule: str, ckpt: Path, cal: Path, hold: Path, out: Path, config: Telepor
     finally:
         pipeline.ascend = ORIGINAL_ASCEND
     return {"rule": rule, "exit_code": code, "grad_norm_ratio": doc["grad_norm_ratio"], "steps_accepted": doc["steps_accepted"],
-            "step_backs": doc.get("step_backs"), "guard_samples": doc["guard_samples"], "holdout_drift": doc["holdout"]["relative_loss_drift"],
+            "step_backs": doc.get("step_backs"), "rejections": doc.get("rejections"), "guard_samples": doc["guard_samples"], "holdout_drift": doc["holdout"]["relative_loss_drift"],
             "calibration_drift": doc["calibration"]["relative_loss_drift"], "cpu_seconds": time.process_time() - t0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="mlp,test_convnext2,convnext_zepto_rms")
+    ap.add_argument("--cases", default="mlp,test_convnext2,convnext_zepto_rms,digits")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the MLP case (the timm cases use seed 0,1,2)")
     args = ap.parse_args()
@@ -112,6 +129,9 @@ def main() -> None:
             if case == "mlp":
                 runs = [(seed, *fmnist_mlp.write_case(seed, folder), TeleportConfig(seed=seed, device="cpu"), None)
                         for seed in map(int, args.seeds.split(","))]
+            elif case == "digits":
+                runs = [(seed, S / "mlp_digits_mid.safetensors", S / "digits_calibration.safetensors", S / "digits_holdout.safetensors",
+                         TeleportConfig(seed=seed, device="cpu"), None) for seed in (0, 1, 2)]
             else:
                 ckpt = timm_case(case, folder)
                 runs = [(seed, ckpt, S / "fmnist_calibration", S / "fmnist_holdout", TeleportConfig(seed=seed, tau=1.0, device="cpu"), 24)

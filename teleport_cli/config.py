@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SEED_RANGE = (-(2**63), 2**64 - 2)
 HVP_MODES = ("auto", "forward", "central", "exact")
 EIGH_DTYPES = ("float64", "float32")
+GUARD_TANGENTS = ("off", "mean", "bound")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class TeleportConfig:
         target_ratio: stop once ``||g|| / ||g0||`` reaches this ratio (``None``: never).
         tangent: remove from each step its component along the projected loss gradient, so
             that with approximate null spaces (tau < 1) the step is tangent to the level set.
+        guard_tangent: with ``tangent`` and a guard, ``mean`` also removes the step's component
+            along the projected gradient of the guard's mean loss, so that it too is constant to
+            first order along the step; ``bound`` also along that of the variance of the guard's
+            per-sample loss changes (both terms of its confidence bound); one gradient pass over
+            the guard per step; ``off``: neither (docs/guard.md has the measurements).
         max_backtracks: how many times a rejected step is halved before the loop stops (it
             stops earlier after two halvings in a row, shorter than every accepted step, that
             pass the drift gates but do not improve the objective: ``FLAT_REJECTIONS`` in
@@ -66,6 +72,8 @@ class TeleportConfig:
             ``tolerance`` is rejected, and the ascent ends at the furthest accepted point whose
             guard drift is within ``holdout_tolerance`` with a confidence bound (docs/guard.md).
             0 disables it (with fewer than 10 calibration samples none is split off).
+        guard_z: one-sided z of the guard's confidence bound on the held-out drift
+            (``|mean d| + guard_z * s / sqrt(n) <= holdout_tolerance * |L_guard0| + ...``; docs/guard.md).
         holdout_fraction: share of ``--data`` set aside as held-out set when no
             ``--holdout`` is given (seeded by ``seed``).
         seed: seed for the held-out split and any random choice.
@@ -110,9 +118,11 @@ class TeleportConfig:
     target_ratio: float | None = None
     max_backtracks: int = 6
     tangent: bool = True
+    guard_tangent: str = "off"
     batch_size: int | str = 256
     holdout_fraction: float = 0.2
     guard_fraction: float = 0.2
+    guard_z: float = 1.5
     seed: int = 0
     device: str = "auto"
     loss: str = "ce"
@@ -147,6 +157,7 @@ class TeleportConfig:
             (self.max_seconds is None or (self.max_seconds > 0 and math.isfinite(self.max_seconds)), "--max-seconds must be a finite number > 0", None),
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)", None),
             (0.0 <= self.guard_fraction < 1.0, "--guard-fraction must be in [0, 1)", None),
+            (self.guard_z >= 0 and math.isfinite(self.guard_z), "--guard-z must be a finite number >= 0", None),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", None),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", None),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}", None),
@@ -159,6 +170,7 @@ class TeleportConfig:
             (SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "a 64-bit seed"),
             (self.hvp in HVP_MODES, f"--hvp must be one of {', '.join(HVP_MODES)}", None),
             (self.eigh in EIGH_DTYPES, f"--eigh must be one of {', '.join(EIGH_DTYPES)}", None),
+            (self.guard_tangent in GUARD_TANGENTS, f"--guard-tangent must be one of {', '.join(GUARD_TANGENTS)}", None),
             (self.method == "nullspace" or not (self.layers or self.exclude), "--layers and --exclude need --method nullspace", "the baselines move every trainable parameter"),
             (all(isinstance(g, str) and g for g in self.layers + self.exclude), "--layers and --exclude take non-empty globs", "e.g. --layers 'fc' --exclude 'layer1.*'"),
         ]

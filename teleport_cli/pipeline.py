@@ -293,6 +293,7 @@ class ApplyResult:
             "steps_accepted": o.stats.steps_accepted,
             "steps_rejected": o.stats.steps_rejected,
             "step_backs": o.stats.step_backs,
+            "rejections": dict(o.stats.rejections),
             "stop_reason": o.stats.stop_reason,
             "objective": o.stats.objective,
             "objective_before": o.stats.objective_before,

@@ -89,6 +89,9 @@ class TeleportStats:
             or None where the objective takes none.
         step_backs: accepted steps undone at the end because the guard did not trust the
             points they reached (docs/guard.md); ``steps_accepted`` counts the steps kept.
+        rejections: rejected candidates (``steps_rejected``) by the rule that rejected them:
+            ``calibration`` (drift), ``guard`` (the guard's drift gate), ``trust`` (the guard's
+            confidence bound), ``objective`` (no improvement).
     """
 
     loss_before: float
@@ -105,6 +108,7 @@ class TeleportStats:
     objective_after: float | None = None
     hvp: dict | None = None
     step_backs: int = 0
+    rejections: dict = field(default_factory=dict)
 
     @property
     def grad_norm_ratio(self) -> float:
@@ -120,6 +124,7 @@ class TeleportStats:
             "steps_accepted": self.steps_accepted,
             "steps_rejected": self.steps_rejected,
             "step_backs": self.step_backs,
+            "rejections": dict(self.rejections),
             "stop_reason": self.stop_reason,
             "objective": self.objective,
             "objective_before": _finite(self.objective_before),

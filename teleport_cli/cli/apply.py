@@ -11,6 +11,7 @@ from ..checkpoints.options import FileOptions
 from ..config import (
     DEVICES,
     EIGH_DTYPES,
+    GUARD_TANGENTS,
     HVP_MODES,
     LOSSES,
     METHODS,
@@ -98,6 +99,10 @@ def _layer_table(layers: list[dict]) -> Table:
               help="dtype of the Gram eigendecompositions at --tau < 1: float32 is faster on large Grams but follows float-order noise more (docs/cost.md).")
 @click.option("--guard-fraction", type=float, default=D.guard_fraction, show_default=True,
               help="Share of the calibration set kept out of the Grams as a guard against drift on unseen samples, at every --tau (0: off; see docs/guard.md).")
+@click.option("--guard-z", type=float, default=D.guard_z, show_default=True,
+              help="One-sided z of the guard's confidence bound on the held-out drift: a step is rejected unless |mean d| + z s/sqrt(n) meets --holdout-tolerance (docs/guard.md).")
+@click.option("--guard-tangent", type=click.Choice(GUARD_TANGENTS), default=D.guard_tangent, show_default=True,
+              help="Also keep steps tangent to the guard's mean loss (mean), and to the variance of its per-sample changes (bound); one guard gradient pass per step (docs/guard.md).")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB",
               help="Move only the layers whose name (as `teleport inspect` lists it) matches this fnmatch glob; repeatable (default: all).")
 @click.option("--exclude", "exclude_globs", multiple=True, metavar="GLOB", help="Never move the layers matching this glob; repeatable; wins over --layers.")
@@ -118,7 +123,7 @@ def _layer_table(layers: list[dict]) -> Table:
 @click.option("--quiet", "-q", is_flag=True, help="No table or progress on stderr.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None, help="Also write the HTML page of `teleport report` for this teleport.")
 def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth, max_step, tolerance, holdout_tolerance, target_ratio,
-          method, objective, lr, momentum, lookahead_steps, probes, hvp, eigh, guard_fraction, layer_globs, exclude_globs, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
+          method, objective, lr, momentum, lookahead_steps, probes, hvp, eigh, guard_fraction, guard_z, guard_tangent, layer_globs, exclude_globs, tangent, batch_size, max_memory, max_seconds, seed, device, loss, model_spec, model_kwargs, samples, force, weights, keep_ema,
           keep_optimizer_state, trust_pickle, as_json, quiet, report_out) -> None:
     """Teleport CHECKPOINT on the calibration set, verify, and write the result to -o."""
     from ..parallel.group import env_rank, env_world_size
@@ -130,7 +135,7 @@ def apply(checkpoint, data, output, holdout, tau, steps, step_size, step_growth,
         config = TeleportConfig(
             tau=tau, steps=steps, step_size=step_size, step_growth=step_growth, max_step=max_step, tolerance=tolerance,
             holdout_tolerance=holdout_tolerance, target_ratio=target_ratio, method=method, objective=objective, lr=lr, momentum=momentum, lookahead_steps=lookahead_steps, probes=probes, hvp=hvp, eigh=eigh,
-            guard_fraction=guard_fraction, tangent=tangent, batch_size=batch_size, max_memory=max_memory, max_seconds=max_seconds,
+            guard_fraction=guard_fraction, guard_z=guard_z, guard_tangent=guard_tangent, tangent=tangent, batch_size=batch_size, max_memory=max_memory, max_seconds=max_seconds,
             seed=seed, device=device, loss=loss or D.loss, layers=layer_globs, exclude=exclude_globs,
         )
         files = FileOptions(weights=weights, keep_ema=keep_ema, keep_optimizer_state=keep_optimizer_state, trust_pickle=trust_pickle)

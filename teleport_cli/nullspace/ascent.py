@@ -4,7 +4,8 @@ Each step (arXiv:2502.11362, Algorithm 1, with the step control of the design no
 
 1. ``d = grad of the objective`` w.r.t. each teleported weight (``H g`` for the gradient norm);
 2. project each layer's ``d`` onto its null space, group by group: ``P = d N N^T``;
-   and, with ``tangent``, remove its component along the projected loss gradient;
+   and, with ``tangent``, remove its component along the projected loss gradient (with
+   ``guard_tangent`` also along the projected gradients of the guard's bound terms);
 3. take a normalised step ``W += eta * ||W_T|| * P / ||P||`` (``W_T``: all teleported weights),
    then cap each layer's total relative change ``||W - W0|| / ||W0||`` at ``max_step``;
 4. accept if the calibration-loss drift ``|L - L0| <= tolerance * |L0| + 1e-6 + noise floor``
@@ -94,23 +95,44 @@ def _norm(ts) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
 
 
-def _tangent(projected, moving, bases, state: GradientState, params, wrt) -> list[torch.Tensor]:
-    """Remove from the step its component along the projected loss gradient ``q``.
+def _dot(a, b) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
 
-    With tau < 1 the null spaces are approximate and the loss changes to first order by
-    ``<q, step>``; taking ``step - (<step, q> / <q, q>) q`` keeps the step tangent to the level
-    set (the first-order condition of level-set teleportation, Mishkin et al. 2024). With
-    exact null spaces ``q = 0`` and nothing changes.
+
+def _tangent(projected, moving, bases, gradients) -> list[torch.Tensor]:
+    """Remove from the step its components along the projected loss gradients ``q_j``.
+
+    ``gradients``: one or more gradients (each a list over the moving weights), e.g. the
+    calibration loss's and, with ``guard_tangent``, the guard's mean loss's. With tau < 1 the
+    null spaces are approximate and a loss changes to first order by ``<q, step>``; removing
+    the step's component in the span of the ``q_j`` (Gram-Schmidt, then one projection) keeps
+    it tangent to every such level set to first order (the first-order condition of level-set
+    teleportation, Mishkin et al. 2024). A ``q`` that is roundoff (exact null spaces: ``q = 0``)
+    or already in the span of the others is skipped.
     """
-    index = {id(p): i for i, p in enumerate(params)}
-    grads = [state.grads[index[id(w)]] for w in wrt]
-    q = [_project(spec, bases, g) for (spec, _), g in zip(moving, grads)]
-    qq = sum(float((t.double() ** 2).sum()) for t in q)
-    if qq <= (NOISE * _norm(grads)) ** 2:  # q is roundoff: the null spaces are exact here
+    basis = []  # (q_j, <q_j, q_j>), orthogonal to each other
+    for grads in gradients:
+        q = [_project(spec, bases, g) for (spec, _), g in zip(moving, grads)]
+        for b, bb in basis:  # Gram-Schmidt against the directions kept so far
+            c = _dot(q, b) / bb
+            q = [t - c * u for t, u in zip(q, b)]
+        qq = sum(float((t.double() ** 2).sum()) for t in q)
+        if qq <= (NOISE * _norm(grads)) ** 2:  # roundoff: the null spaces are exact for this loss
+            continue
+        basis.append((q, qq))
+    if not basis:
         return projected
-    pq = sum(float((a.double() * b.double()).sum()) for a, b in zip(projected, q))
+    out = projected
+    for b, bb in basis:
+        c = _dot(out, b) / bb
+        out = [p - c * t for p, t in zip(out, b)]
     # project again: the correction is a null-space vector up to roundoff, which this removes
-    return [_project(spec, bases, p - (pq / qq) * t) for (spec, _), p, t in zip(moving, projected, q)]
+    return [_project(spec, bases, p) for (spec, _), p in zip(moving, out)]
+
+
+def _moving_grads(state: GradientState, params, wrt) -> list[torch.Tensor]:
+    index = {id(p): i for i, p in enumerate(params)}
+    return [state.grads[index[id(w)]] for w in wrt]
 
 
 def _project(spec: LayerSpec, bases: dict[str, LayerBasis], t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +230,7 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
     loss0, gnorm0 = state.loss, state.grad_norm
     states = {} if states is None else states
     states["before"] = states["after"] = state
-    watch = Guard(model, guard, loss_fn, guard_tolerance, guard_trust, noise_floor) if guard is not None else None
+    watch = Guard(model, guard, loss_fn, guard_tolerance, guard_trust, noise_floor, config.guard_z) if guard is not None else None
     dtypes = [(round_to or {}).get(spec.weight_key) for spec, _ in moving]
     score = objective.score(model, batches, loss_fn, params, state, n) if moving else 0.0
     score0 = score
@@ -221,6 +243,8 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
     eta = config.step_size
     log = StepLog(config.target_ratio, gnorm0, on_step)
     stop = "steps"
+    rejections: dict[str, int] = {}  # rejected candidates by the rule that rejected them
+    why = ["objective"]
     kept = (0, w0, state, score)  # the furthest accepted point the guard trusts: (step, weights, state, score)
     shortest = None  # the shortest accepted step length (None before the first: no candidate counts as shorter)
     batches = _Timed(batches, config, budget_start)  # from here on, every pass reads the clock between batches
@@ -235,7 +259,10 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
             break
         projected = [_project(spec, bases, d) * objective.sign for (spec, _), d in zip(moving, direction)]
         if config.tangent:
-            projected = _tangent(projected, moving, bases, state, params, wrt)
+            gradients = [_moving_grads(state, params, wrt)]
+            if config.guard_tangent != "off" and watch is not None:  # and to the guard's bound terms
+                gradients += watch.gradients(model, wrt, spread=config.guard_tangent == "bound")
+            projected = _tangent(projected, moving, bases, gradients)
         broadcast_(projected)  # rank 0's step on every rank: the weights stay bit-identical
         pnorm = _norm(projected)
         if agree(pnorm <= NOISE * _norm(direction)):  # nothing but roundoff is left: no freedom
@@ -268,21 +295,28 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
             # changes the cost, never the decision
             if watch is not None:
                 gate, cand["trusted"] = watch.check(model)
+                why[0] = "guard" if not gate else "trust"
                 if not gate or (guard_rule == "gate" and not cand["trusted"]):
                     return False
             pending = PendingGradient(model, batches, loss_fn, params, n)
+            why[0] = "calibration"
             if not agree(drift_ok(pending.loss, loss0, config.tolerance, noise_floor)):
                 return False
             cand["state"] = pending.gradient()
             if not agree(drift_ok(cand["state"].loss, loss0, config.tolerance, noise_floor)):
                 return False
             cand["score"] = objective.score(model, batches, loss_fn, params, cand["state"], n)
+            why[0] = "objective"
             improved = agree(objective.sign * (cand["score"] - score) > 0)
             flat[0] = chain + 1 if not improved and shortest is not None and cand["eta"] < shortest else 0
             return improved
 
+        def rejected() -> None:
+            rejections[why[0]] = rejections.get(why[0], 0) + 1
+            log.reject()
+
         try:
-            cand, eta, backtracks = backtrack(wrt, propose, accept, eta, config.max_backtracks, log.reject,
+            cand, eta, backtracks = backtrack(wrt, propose, accept, eta, config.max_backtracks, rejected,
                                               give_up=lambda: flat[0] >= FLAT_REJECTIONS)
         except _OutOfTime:  # undo the candidate: the weights stay at the last accepted step
             with torch.no_grad():
@@ -309,7 +343,8 @@ def _ascend(model, batches, moving, bases, config, loss_fn, noise_floor, objecti
         state, score = kept[2], kept[3]
         log.accepted = kept[0]
     states["after"] = state
-    return dataclasses.replace(log.stats(loss0, state, stop, start, objective.name, score0, score), step_backs=step_backs)
+    return dataclasses.replace(log.stats(loss0, state, stop, start, objective.name, score0, score), step_backs=step_backs,
+                               rejections=rejections)
 
 
 def relative_changes(model: nn.Module, original: nn.Module, specs: list[LayerSpec]) -> dict[str, float]:

@@ -208,6 +208,10 @@ def test_bad_option_value_is_a_usage_error(files):
     assert r.exit_code == 2 and "--tau" in r.stderr
     r = run(*_args(files, files / "o.safetensors", "--device", "tpu"))
     assert r.exit_code == 2
+    r = run(*_args(files, files / "o.safetensors", "--guard-z", "-1"))
+    assert r.exit_code == 2 and "--guard-z" in r.stderr
+    r = run(*_args(files, files / "o.safetensors", "--guard-tangent", "always"))
+    assert r.exit_code == 2
 
 
 def test_default_holdout_is_a_seeded_split_recorded_in_the_output(files):
