@@ -83,9 +83,25 @@ def exit_interrupted(message: bool = True) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+def _on_unraisable(unraisable) -> None:
+    """``sys.unraisablehook``: a KeyboardInterrupt raised where Python cannot propagate it (an
+    at-fork hook such as logging's ``_releaseLock`` around the memory probe's fork, a ``__del__``,
+    a weakref callback) would be printed as "Exception ignored in ..." with a traceback and then
+    lost, and the run would go on; instead it is raised again ``RECHECK_S`` later, outside."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and SEEN:
+        signal.setitimer(signal.ITIMER_REAL, RECHECK_S)
+        return
+    _PREVIOUS_UNRAISABLE[0](unraisable)
+
+
+_PREVIOUS_UNRAISABLE = [sys.unraisablehook]
+
+
 def install() -> None:
     """Take over SIGINT (and SIGALRM, for postponed interrupts) for this process."""
     INSTALLED.append(True)
+    _PREVIOUS_UNRAISABLE[0] = sys.unraisablehook
+    sys.unraisablehook = _on_unraisable
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, _on_sigint)
 
