@@ -28,6 +28,7 @@ from torch import nn
 from ..parallel.collective import agree, all_gather_cat, all_reduce_sum
 from .derivatives import Batches, full_gradient
 from .linesearch import drift_ok
+from .losses import sample_terms
 
 # one-sided z of the confidence bound by default (P(N(0,1) > 1.5) = 6.7%; TeleportConfig.guard_z)
 Z = 1.5
@@ -40,8 +41,8 @@ def sample_losses(model: nn.Module, batches: Batches, loss_fn: Callable, gather:
     out = []
     for x, y in batches:
         logits = model(x)
-        out.extend(float(loss_fn(logits[i:i + 1], y[i:i + 1])) for i in range(int(x.shape[0])))
-    out = torch.tensor(out, dtype=torch.float64)
+        out.append(sample_terms(loss_fn, logits, y).double())
+    out = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
     return all_gather_cat(out) if gather else out
 
 
@@ -89,7 +90,7 @@ class Guard:
         start, dsum = 0, 0.0
         for x, y in self.batches:
             logits = model(x)
-            losses = torch.stack([self.loss_fn(logits[i:i + 1], y[i:i + 1]) for i in range(int(x.shape[0]))])
+            losses = sample_terms(self.loss_fn, logits, y)
             d = losses.detach().double() - self.local0[start:start + len(losses)]
             start += len(losses)
             dsum += float(d.sum())

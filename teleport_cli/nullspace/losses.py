@@ -62,6 +62,20 @@ def next_token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, to
     return total / (targets.shape[1] if tokens_per_sample is None else tokens_per_sample)
 
 
+def sample_terms(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The terms of ``loss_fn``'s sum over a batch, one per sample (shape ``N``, the logits' dtype
+    or float32): for :func:`cross_entropy_sum` one ``reduction="none"`` call, whose value for each
+    row is bit for bit that of a batch of that row alone (checked in tests/nullspace/test_guard.py);
+    for any other loss one call per sample.
+
+    Raises:
+        InputError: as ``loss_fn`` (logits of the wrong shape).
+    """
+    if loss_fn is cross_entropy_sum and logits.ndim == 2:
+        return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, targets, reduction="none")
+    return torch.stack([loss_fn(logits[i:i + 1], targets[i:i + 1]) for i in range(int(logits.shape[0]))])
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": cross_entropy_sum, "lm": next_token_cross_entropy_sum}
 
 

@@ -13,6 +13,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from _ckpt import ROOT
 
 from teleport_cli.config import TeleportConfig
 from teleport_cli.models.builtin import MLP
@@ -205,3 +206,24 @@ def test_guard_tangent_step_keeps_guard_and_calibration_loss_constant_to_first_o
     # without them the guard's mean (off) and variance (mean) move to first order: the test has teeth
     assert all(abs(guard[0]) > 1e-3 * guard[1] and abs(cal[0]) <= 1e-12 * cal[1] for guard, cal, _ in cases["off"])
     assert all(abs(var[0]) > 1e-3 * var[1] for _, _, var in cases["mean"][1:])
+
+
+def test_per_sample_terms_are_bit_for_bit_those_of_batches_of_one():
+    """The guard's per-sample cross-entropies in one call equal each sample's own summed loss
+    exactly (so its bound decides as it did sample by sample), on the shipped MLP and float16
+    logits; a language model's terms sum to its batch loss."""
+    from safetensors.torch import load_file
+
+    from teleport_cli.models.loading import load_model
+    from teleport_cli.nullspace.losses import cross_entropy_sum, next_token_cross_entropy_sum, sample_terms
+
+    model = load_model(ROOT / "sample_checkpoints" / "mlp_digits_mid.safetensors")[0].eval()
+    data = load_file(str(ROOT / "sample_checkpoints" / "digits_calibration.safetensors"))
+    with torch.no_grad():
+        logits = model(data["inputs"][:100])
+    for lg in (logits, logits.half()):
+        one = torch.stack([cross_entropy_sum(lg[i:i + 1], data["targets"][i:i + 1]) for i in range(100)])
+        assert torch.equal(sample_terms(cross_entropy_sum, lg, data["targets"][:100]), one)
+    lm_logits, tokens = torch.randn(5, 7, 11, dtype=torch.float64), torch.randint(0, 11, (5, 7))
+    terms = sample_terms(next_token_cross_entropy_sum, lm_logits, tokens)
+    assert terms.shape == (5,) and float(terms.sum()) == pytest.approx(float(next_token_cross_entropy_sum(lm_logits, tokens)), rel=1e-14)
