@@ -100,8 +100,9 @@ _PREVIOUS_UNRAISABLE = [sys.unraisablehook]
 def install() -> None:
     """Take over SIGINT (and SIGALRM, for postponed interrupts) for this process."""
     INSTALLED.append(True)
-    _PREVIOUS_UNRAISABLE[0] = sys.unraisablehook
-    sys.unraisablehook = _on_unraisable
+    if sys.unraisablehook is not _on_unraisable:  # a second install must not make the hook its own fallback
+        _PREVIOUS_UNRAISABLE[0] = sys.unraisablehook
+        sys.unraisablehook = _on_unraisable
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, _on_sigint)
 

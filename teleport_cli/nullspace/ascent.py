@@ -116,7 +116,7 @@ def _tangent(projected, moving, bases, gradients) -> list[torch.Tensor]:
         for b, bb in basis:  # Gram-Schmidt against the directions kept so far
             c = _dot(q, b) / bb
             q = [t - c * u for t, u in zip(q, b)]
-        qq = sum(float((t.double() ** 2).sum()) for t in q)
+        qq = _dot(q, q)
         if qq <= (NOISE * _norm(grads)) ** 2:  # roundoff: the null spaces are exact for this loss
             continue
         basis.append((q, qq))
