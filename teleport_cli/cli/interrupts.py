@@ -50,10 +50,14 @@ def _on_alarm(signum, frame) -> None:
 
 
 def stop() -> None:
-    """No SIGINT, and no postponed one, from here on (the command is over)."""
+    """No SIGINT, and no postponed one, from here on (the command is over). Under torchrun a
+    SIGTERM from here on ends the process quietly: its line is printed, and a PeerFailed raised in
+    the interpreter's shutdown (CI: inside an atexit hook of torch.library) printed a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def committed() -> None:
